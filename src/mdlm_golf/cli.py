@@ -1,0 +1,141 @@
+"""Command line: argument parsing only; every command calls a function of the package."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import PRESETS, build_config, field_types, write_text_atomic
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One --kebab-case flag per Config field (default None: unset flags leave env/preset alone)."""
+    group = parser.add_argument_group("config fields (also settable as UPPER_CASE env vars)")
+    for name, kind in field_types().items():
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=str, default=None,
+                           metavar=kind.__name__.upper())
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    from .config import parse_value
+
+    return {name: parse_value(name, getattr(args, name))
+            for name in field_types() if getattr(args, name, None) is not None}
+
+
+def tokenizer_for(data_dir: Path, given: str | None) -> Path:
+    """--tokenizer if given, else the one prepare recorded in DIR/manifest.json."""
+    if given:
+        return Path(given)
+    manifest = Path(data_dir) / "manifest.json"
+    if not manifest.is_file():
+        raise ValueError(f"{manifest}: not found; pass --tokenizer MODEL")
+    return Path(json.loads(manifest.read_text())["tokenizer"])
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import prepare
+
+    manifest = prepare(Path(args.docs), Path(args.out), Path(args.tokenizer) if args.tokenizer else None,
+                       args.vocab_size, args.val_docs, args.shard_tokens)
+    for split in ("val", "train"):
+        m = manifest[split]
+        print(f"{split}: {m['docs']:,} docs, {m['tokens']:,} tokens, {len(m['shards'])} shard(s)")
+    print(f"tokenizer {manifest['tokenizer']}; manifest {Path(args.out) / 'manifest.json'}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    cfg = build_config(args.preset, overrides=config_overrides(args))
+    train(cfg, Path(args.data), Path(args.out), tokenizer_for(Path(args.data), args.tokenizer),
+          run_eval=not args.no_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from .checkpoint import load_model, run_checkpoint
+    from .data import ByteTable, load_split, load_tokenizer
+    from .evaluate import MODES, evaluate, format_result
+    from .train import pick_device
+
+    device = pick_device()
+    model, cfg, state = load_model(run_checkpoint(Path(args.run)), device)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else Path(state.get("tokenizer") or
+                                                                 tokenizer_for(Path(args.data), None))
+    byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer), cfg.vocab_size)
+    val = load_split(Path(args.data), "val", cfg.vocab_size)
+    if args.batch_rows:
+        cfg.eval_batch_rows = args.batch_rows
+    modes = MODES if args.mode == "both" else (args.mode,)
+    torch.manual_seed(args.seed)
+    results = evaluate(model, val, byte_table, cfg, steps=args.elbo_steps, num_seqs=args.num_seqs,
+                       seed=args.seed, modes=modes, device=device)
+    for r in results.values():
+        print(format_result(r))
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(results, indent=2) + "\n")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mdlm-golf", description="Masked diffusion language models for parameter golf.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenize a docs JSONL into challenge-format shards")
+    p.add_argument("--docs", required=True, help='JSONL with one {"text": ...} per line')
+    p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    p.add_argument("--tokenizer", help="SentencePiece model; without it, train one in --out")
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--val-docs", type=int, default=500, help="the first N documents form the val split")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train an MDLM")
+    p.add_argument("--data", required=True, help="folder with fineweb_{train,val}_*.bin")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the one in DATA/manifest.json)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="seed = the reference configuration (default); demo/tiny = CPU sizes")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="ELBO bits per byte of a trained run on the val split")
+    p.add_argument("--run", required=True, help="run folder (holds model.pt)")
+    p.add_argument("--data", required=True, help="folder with fineweb_val_*.bin")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the one the run trained with)")
+    p.add_argument("--elbo-steps", type=int, default=128)
+    p.add_argument("--num-seqs", type=int, default=500, help="val slices to evaluate; 0 = the whole split")
+    p.add_argument("--mode", choices=("strict", "anchored", "both"), default="both")
+    p.add_argument("--seed", type=int, default=0, help="seeds the mask draws")
+    p.add_argument("--batch-rows", type=int, default=None, help="(slice, step) rows per forward")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="end to end on stdlib text in a few CPU minutes; no download")
+    p.add_argument("--out", default="demo_run", help="folder for the demo's data and run")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
+        print(f"mdlm-golf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

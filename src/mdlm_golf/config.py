@@ -1,0 +1,156 @@
+"""The one configuration dataclass, its presets, and how flags and env vars map onto it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+BOS_ID = 1  # every document of the challenge's shards starts with it
+
+
+@dataclass
+class Config:
+    """Reference configuration (the challenge's seed MDLM); every field is a flag and an env var."""
+
+    # model
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    mlp_mult: int = 3
+    cond_dim: int = 128
+    seq_len: int = 2048
+    # optimisation
+    batch_rows: int = 8  # rows per micro-batch (per process)
+    grad_accum: int = 4
+    steps: int = 6000
+    lr: float = 6e-4
+    warmup_steps: int = 300
+    warmdown_steps: int = 1500
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_wallclock: float = 0.0  # seconds of training time; 0 = no cap
+    # diffusion
+    noise_eps: float = 1e-3
+    layout: str = "docs"  # "docs" (rows start at documents, PAD fill) or "stream"
+    anchor_mask_prob: float = 0.0
+    # evaluation
+    elbo_steps: int = 128
+    eval_num_seqs: int = 500  # 0 = the whole val split
+    eval_batch_rows: int = 32  # (slice, step) rows per evaluation forward
+    # bookkeeping
+    seed: int = 1337
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.layout not in ("docs", "stream"):
+            raise ValueError(f"layout must be 'docs' or 'stream', got {self.layout!r}")
+        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
+            raise ValueError(
+                f"model_dim {self.model_dim} must split into {self.num_heads} heads of even size"
+            )
+        if not 0.0 < self.noise_eps < 1.0:
+            raise ValueError(f"noise_eps must lie in (0, 1), got {self.noise_eps}")
+        if not 0.0 <= self.anchor_mask_prob <= 1.0:
+            raise ValueError(f"anchor_mask_prob must lie in [0, 1], got {self.anchor_mask_prob}")
+        for name in ("num_layers", "model_dim", "num_heads", "mlp_mult", "seq_len", "batch_rows",
+                     "grad_accum", "elbo_steps", "eval_batch_rows", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self.vocab_size + 1
+
+    @property
+    def num_real_rows(self) -> int:
+        """Token ids the model can see: the vocabulary, MASK and PAD."""
+        return self.vocab_size + 2
+
+    @property
+    def embed_rows(self) -> int:
+        """Embedding rows, padded to a multiple of 64 for fast matmuls (1026 -> 1088)."""
+        return -(-self.num_real_rows // 64) * 64
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_rows * self.grad_accum * self.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# Presets only name the fields they change; everything else keeps the reference default.
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {},
+    "demo": dict(num_layers=4, model_dim=128, num_heads=4, cond_dim=64, seq_len=256,
+                 batch_rows=16, grad_accum=1, steps=400, lr=2e-3, warmup_steps=40,
+                 warmdown_steps=120, elbo_steps=32, eval_num_seqs=32, eval_batch_rows=64,
+                 log_every=20),
+    "tiny": dict(num_layers=2, model_dim=64, num_heads=2, cond_dim=32, seq_len=64,
+                 batch_rows=8, grad_accum=1, steps=20, lr=3e-3, warmup_steps=5,
+                 warmdown_steps=5, elbo_steps=8, eval_num_seqs=4, eval_batch_rows=32,
+                 log_every=5),
+}
+
+
+def field_types() -> dict[str, type]:
+    return {f.name: type(f.default) for f in fields(Config)}
+
+
+def parse_value(name: str, raw: str) -> Any:
+    """Turn a flag or env-var string into the field's type, with a message naming the field."""
+    kind = field_types()[name]
+    try:
+        if kind is bool:
+            return raw.lower() in ("1", "true", "yes", "on")
+        return kind(float(raw)) if kind is int and "e" in raw.lower() else kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}: cannot read {raw!r} as {kind.__name__}") from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The challenge's style: NUM_LAYERS=11 SEQ_LEN=2048 ... set config fields."""
+    return {name: parse_value(name, environ[name.upper()])
+            for name in field_types() if name.upper() in environ}
+
+
+def build_config(preset: str | None = None, environ: Mapping[str, str] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> Config:
+    """Reference defaults < preset < environment variables < explicit overrides (CLI flags)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS.get(preset or "seed", {}))
+    values.update(env_overrides(os.environ if environ is None else environ))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return Config(**values)
+
+
+def config_from_dict(values: Mapping[str, Any], source: str) -> Config:
+    """Rebuild a saved config; unknown or missing fields name the file they came from."""
+    known = field_types()
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{source}: unknown config fields {unknown}")
+    return Config(**dict(values))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write next to the target, then rename: a crash leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,329 @@
+"""Shard format, tokenizer byte table, corpus preparation and batch assembly."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .config import BOS_ID, write_text_atomic
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_WORDS = 256
+HEADER_BYTES = HEADER_WORDS * 4
+
+
+class DataError(ValueError):
+    """Bad input data; the message is one line that names the file."""
+
+
+# ---------------------------------------------------------------- shard format
+
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """Write one shard atomically: 256 int32 header words, then uint16 tokens."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
+        raise DataError(f"{path}: tokens do not fit in uint16")
+    header = np.zeros(HEADER_WORDS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard_header(path: Path) -> int:
+    """Check a shard's header and size; return its token count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror})") from None
+    if len(raw) < HEADER_BYTES:
+        raise DataError(f"{path}: truncated header ({len(raw)} of {HEADER_BYTES} bytes)")
+    magic, version, count = np.frombuffer(raw, dtype="<i4", count=3)
+    if magic != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {magic} (expected {SHARD_MAGIC}); not a token shard")
+    if version != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {version} (expected {SHARD_VERSION})")
+    expected = HEADER_BYTES + 2 * int(count)
+    if size != expected:
+        raise DataError(f"{path}: header declares {count} tokens ({expected} bytes) "
+                        f"but the file has {size} bytes")
+    return int(count)
+
+
+def read_shard(path: Path, vocab_size: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Read and validate one shard, optionally straight into a pre-allocated uint16 buffer."""
+    count = read_shard_header(path)
+    if out is None:
+        out = np.empty(count, dtype=np.uint16)
+    elif out.size != count:
+        raise DataError(f"{path}: buffer holds {out.size} tokens, shard has {count}")
+    with open(path, "rb") as f:
+        f.seek(HEADER_BYTES)
+        if f.readinto(memoryview(out).cast("B")) != 2 * count:
+            raise DataError(f"{path}: file shrank while reading")
+    if vocab_size is not None and count and int(out.max()) >= vocab_size:
+        bad = int(np.argmax(out >= vocab_size))
+        raise DataError(f"{path}: token {int(out[bad])} at position {bad} is >= vocab size {vocab_size}")
+    return out
+
+
+def shard_paths(data_dir: Path, split: str) -> list[Path]:
+    """The split's shards in order; an empty match is an error naming the pattern."""
+    paths = sorted(Path(data_dir).glob(f"fineweb_{split}_*.bin"))
+    if not paths:
+        raise DataError(f"{data_dir}: no fineweb_{split}_*.bin shards found")
+    return paths
+
+
+def load_split(data_dir: Path, split: str, vocab_size: int) -> np.ndarray:
+    """All tokens of a split, concatenated into one pre-sized array (no 2x peak)."""
+    paths = shard_paths(data_dir, split)
+    counts = [read_shard_header(p) for p in paths]
+    tokens = np.empty(sum(counts), dtype=np.uint16)
+    offset = 0
+    for path, count in zip(paths, counts):
+        read_shard(path, vocab_size, out=tokens[offset:offset + count])
+        offset += count
+    return tokens
+
+
+# ---------------------------------------------------------------- tokenizer and bytes
+
+def load_tokenizer(path: Path):
+    import sentencepiece as spm
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: tokenizer model not found")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+
+
+@dataclass(frozen=True)
+class ByteTable:
+    """The challenge evaluator's per-token byte rule, as lookup tables indexed by token id."""
+
+    base_bytes: np.ndarray  # int64: UTF-8 bytes of the piece without its leading U+2581
+    has_leading_space: np.ndarray  # bool: piece starts with U+2581 (one more byte ...)
+    is_boundary: np.ndarray  # bool: ... unless the previous token is one of these
+
+    @classmethod
+    def from_tokenizer(cls, sp, vocab_size: int) -> "ByteTable":
+        size = max(int(sp.vocab_size()), vocab_size)
+        base = np.zeros(size, dtype=np.int64)
+        space = np.zeros(size, dtype=bool)
+        boundary = np.ones(size, dtype=bool)
+        for tid in range(int(sp.vocab_size())):
+            if sp.is_control(tid) or sp.is_unknown(tid) or sp.is_unused(tid):
+                continue  # 0 bytes and a boundary
+            boundary[tid] = False
+            if sp.is_byte(tid):
+                base[tid] = 1
+                continue
+            piece = sp.id_to_piece(tid)
+            if piece.startswith("\u2581"):
+                space[tid] = True
+                piece = piece[1:]
+            base[tid] = len(piece.encode("utf-8"))
+        return cls(base, space, boundary)
+
+    def token_bytes(self, tokens: np.ndarray, prev: np.ndarray) -> np.ndarray:
+        """Bytes each token stands for, given the token before it (vectorized)."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        prev = np.asarray(prev, dtype=np.int64)
+        return self.base_bytes[tokens] + (self.has_leading_space[tokens] & ~self.is_boundary[prev])
+
+    def stream_bytes(self, stream: np.ndarray) -> np.ndarray:
+        """Per-token bytes of a contiguous stream; the first token's predecessor counts as a boundary."""
+        stream = np.asarray(stream, dtype=np.int64)
+        prev = np.concatenate([[BOS_ID], stream[:-1]]) if stream.size else stream
+        return self.token_bytes(stream, prev)
+
+
+# ---------------------------------------------------------------- corpus preparation
+
+def iter_docs(path: Path) -> Iterator[str]:
+    """Texts of a {"text": ...} JSONL file; a bad line is an error naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: documents file not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: \"text\" is not a string")
+            yield text
+
+
+def train_tokenizer(texts: Iterable[str], out_prefix: Path, vocab_size: int = 1024) -> Path:
+    """Train a SentencePiece BPE with the challenge's settings; returns the .model path."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(out_prefix), model_type="bpe",
+        vocab_size=vocab_size, character_coverage=0.999, byte_fallback=False,
+        split_digits=True, normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, hard_vocab_limit=False,
+        max_sentence_length=1 << 20, num_threads=os.cpu_count() or 1, minloglevel=2,
+    )
+    return Path(f"{out_prefix}.model")
+
+
+def tokenize_docs(sp, texts: list[str], batch_docs: int = 1024) -> Iterator[np.ndarray]:
+    """BOS + ids for each document, encoded in multi-threaded batches."""
+    threads = os.cpu_count() or 1
+    for i in range(0, len(texts), batch_docs):
+        for ids in sp.encode(texts[i:i + batch_docs], num_threads=threads):
+            yield np.asarray([BOS_ID, *ids], dtype=np.uint16)
+
+
+class ShardWriter:
+    """Accumulates document tokens and writes fixed-size shards fineweb_{split}_NNNNNN.bin."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int):
+        self.out_dir, self.split, self.shard_tokens = Path(out_dir), split, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.paths: list[Path] = []
+        self.tokens = 0
+        self.docs = 0
+
+    def add(self, doc: np.ndarray) -> None:
+        self.pending.append(doc)
+        self.pending_tokens += doc.size
+        self.docs += 1
+        while self.pending_tokens >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def close(self) -> None:
+        if self.pending_tokens:
+            self._flush(self.pending_tokens)
+
+    def _flush(self, count: int) -> None:
+        joined = np.concatenate(self.pending)
+        path = self.out_dir / f"fineweb_{self.split}_{len(self.paths):06d}.bin"
+        write_shard(path, joined[:count])
+        self.paths.append(path)
+        self.tokens += count
+        rest = joined[count:]
+        self.pending = [rest] if rest.size else []
+        self.pending_tokens = rest.size
+
+
+def prepare(docs_path: Path, out_dir: Path, tokenizer_path: Path | None = None,
+            vocab_size: int = 1024, val_docs: int = 500, shard_tokens: int = 100_000_000) -> dict:
+    """Tokenize a docs JSONL into val/train shards plus manifest.json; returns the manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    texts = list(iter_docs(docs_path))
+    if len(texts) <= val_docs:
+        raise DataError(f"{docs_path}: {len(texts)} documents, need more than --val-docs {val_docs}")
+    if tokenizer_path is None:
+        tokenizer_path = train_tokenizer(texts, out_dir / f"sp{vocab_size}_bpe", vocab_size)
+    sp = load_tokenizer(tokenizer_path)
+    if sp.bos_id() != BOS_ID:
+        raise DataError(f"{tokenizer_path}: bos id is {sp.bos_id()}, shards need {BOS_ID}")
+    writers = {"val": ShardWriter(out_dir, "val", shard_tokens),
+               "train": ShardWriter(out_dir, "train", shard_tokens)}
+    for i, doc in enumerate(tokenize_docs(sp, texts)):
+        writers["val" if i < val_docs else "train"].add(doc)
+    manifest = {"docs_source": str(docs_path), "tokenizer": str(Path(tokenizer_path).resolve()),
+                "vocab_size": int(sp.vocab_size()), "bos_id": BOS_ID, "shard_tokens": shard_tokens}
+    for split, w in writers.items():
+        w.close()
+        manifest[split] = {"docs": w.docs, "tokens": w.tokens, "shards": [p.name for p in w.paths]}
+    write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# ---------------------------------------------------------------- batch assembly
+
+def doc_windows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of every row of the docs layout: each document cut into seq_len windows."""
+    doc_starts = np.flatnonzero(tokens == BOS_ID)
+    if doc_starts.size == 0 or doc_starts[0] != 0:
+        doc_starts = np.concatenate([[0], doc_starts])  # text before the first BOS is a document too
+    doc_ends = np.append(doc_starts[1:], tokens.size)
+    doc_lens = doc_ends - doc_starts
+    per_doc = -(-doc_lens // seq_len)
+    first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    offset = (np.arange(per_doc.sum()) - first) * seq_len
+    starts = np.repeat(doc_starts, per_doc) + offset
+    lengths = np.minimum(np.repeat(doc_ends, per_doc) - starts, seq_len)
+    return starts.astype(np.int64), lengths.astype(np.int64)
+
+
+def gather_rows(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                seq_len: int, pad_id: int) -> np.ndarray:
+    """Rows tokens[start:start+length], PAD-filled to seq_len, in one vectorized gather."""
+    cols = np.arange(seq_len)
+    idx = np.minimum(starts[:, None] + cols, tokens.size - 1)
+    return np.where(cols < lengths[:, None], tokens[idx].astype(np.int64), pad_id)
+
+
+class BatchSampler:
+    """Seeded rows from an in-memory token array in either layout; resumable via state_dict."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, layout: str, pad_id: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if tokens.size < seq_len + 1 and layout == "stream":
+            raise DataError(f"{tokens.size} training tokens are fewer than one row of {seq_len}")
+        self.tokens, self.seq_len, self.layout, self.pad_id = tokens, seq_len, layout, pad_id
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        if layout == "docs":
+            self.starts, self.lengths = doc_windows(tokens, seq_len)
+        self.epoch, self.cursor = 0, 0
+        self.rng = np.random.default_rng(seed)
+        self._order = self._epoch_order()
+
+    @property
+    def num_windows(self) -> int:
+        return self.starts.size if self.layout == "docs" else self.tokens.size // self.seq_len
+
+    def _epoch_order(self) -> np.ndarray:
+        return np.random.default_rng((self.seed, self.epoch)).permutation(self.num_windows)
+
+    def next_rows(self, rows: int) -> np.ndarray:
+        """The next `rows` rows for this rank ([rows, seq_len] int64); ranks take disjoint rows."""
+        if self.layout == "stream":
+            starts = self.rng.integers(0, self.tokens.size - self.seq_len + 1, size=rows * self.world_size)
+            starts = starts[self.rank::self.world_size]
+            return gather_rows(self.tokens, starts, np.full(rows, self.seq_len), self.seq_len, self.pad_id)
+        picks = []
+        need = rows * self.world_size
+        while need:
+            take = self._order[self.cursor:self.cursor + need]
+            picks.append(take)
+            need -= take.size
+            self.cursor += take.size
+            if self.cursor == self._order.size:
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._epoch_order()
+        chosen = np.concatenate(picks)[self.rank::self.world_size]
+        return gather_rows(self.tokens, self.starts[chosen], self.lengths[chosen], self.seq_len, self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.rng.bit_generator.state = state["rng"]
+        self._order = self._epoch_order()

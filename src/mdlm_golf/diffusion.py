@@ -1,0 +1,149 @@
+"""Absorbing-mask diffusion: log-linear schedule, masking, SUBS, the training loss and the ELBO.
+
+Every random draw takes an explicit torch.Generator so results are reproducible for a seed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import BOS_ID
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The special ids for a vocabulary: MASK and PAD sit just past the real tokens."""
+
+    vocab_size: int
+
+    @property
+    def mask(self) -> int:
+        return self.vocab_size
+
+    @property
+    def pad(self) -> int:
+        return self.vocab_size + 1
+
+
+# ---------------------------------------------------------------- noise schedule
+
+def alpha(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """Probability a token is still visible at time t: 1 - (1 - eps) t."""
+    return 1.0 - (1.0 - eps) * t
+
+
+def sigma(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """Total noise -log alpha(t), what the model is conditioned on."""
+    return -torch.log(alpha(t, eps))
+
+
+def elbo_weight(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weight of the continuous-time ELBO: -alpha'(t) / (1 - alpha(t)) = (dsigma/dt) / expm1(sigma).
+
+    For the log-linear schedule this is (1 - eps) / ((1 - eps) t) = 1 / t. Note that dsigma/dt
+    alone, (1 - eps) / alpha(t), is *not* an ELBO weight: it over-counts by 1 / (1 - alpha) and its
+    expectation is ~6x the true bound at uniform predictions (tests/test_diffusion.py checks this).
+    """
+    return (1.0 - eps) / (1.0 - alpha(t, eps)).clamp(min=1e-12)
+
+
+def antithetic_times(n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """n times in [0, 1) drawn as pairs (u, 1 - u): halves the variance of the t integral."""
+    u = torch.rand((n + 1) // 2, generator=generator)
+    return torch.cat([u, 1.0 - u])[:n].to(device)
+
+
+# ---------------------------------------------------------------- masking
+
+def maskable_positions(x0: torch.Tensor, layout: str, pad_id: int, anchor_mask_prob: float = 0.0,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which positions may be masked (and are scored): never PAD; in `docs` no BOS anchors."""
+    maskable = x0 != pad_id
+    if layout == "docs":
+        anchors = x0 == BOS_ID
+        if anchor_mask_prob > 0:
+            draw = torch.rand(x0.shape, generator=generator).to(x0.device)
+            anchors &= draw >= anchor_mask_prob
+        maskable &= ~anchors
+    return maskable
+
+
+def mask_tokens(x0: torch.Tensor, p_mask: torch.Tensor, maskable: torch.Tensor, mask_id: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each maskable position of row b with probability p_mask[b]; returns (x_t, masked)."""
+    draw = torch.rand(x0.shape, generator=generator).to(x0.device)
+    masked = (draw < p_mask[:, None]) & maskable
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
+
+
+# ---------------------------------------------------------------- SUBS parameterization
+
+def suppress_special(logits: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """MASK and PAD can never be predicted: give them -inf logits."""
+    logits = logits.float().clone()
+    logits[..., tokens.mask] = float("-inf")
+    logits[..., tokens.pad] = float("-inf")
+    return logits
+
+
+def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """Full SUBS log-probs: a distribution over real tokens at MASK, the identity elsewhere."""
+    log_probs = F.log_softmax(suppress_special(logits, tokens), dim=-1)
+    visible = x_t != tokens.mask
+    identity = torch.full_like(log_probs, float("-inf"))
+    identity.scatter_(-1, x_t.unsqueeze(-1), 0.0)
+    return torch.where(visible.unsqueeze(-1), identity, log_probs)
+
+
+def masked_nll(logits: torch.Tensor, x0: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """-log p(x0 | x_t) in nats at every position under SUBS (one log-softmax, no full copy kept).
+
+    Only meaningful where x_t is MASK; visible positions cost exactly 0 under SUBS and callers
+    multiply by the mask anyway.
+    """
+    logits = suppress_special(logits, tokens)
+    target = x0.clamp(max=tokens.vocab_size - 1)  # PAD targets are never scored; keep the gather in range
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+# ---------------------------------------------------------------- training loss
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar: ELBO estimate in nats per scored token
+    scored: torch.Tensor  # number of scored positions (tensor, avoids a sync)
+    masked: torch.Tensor  # number of masked positions
+
+
+def diffusion_loss(model, x0: torch.Tensor, tokens: Tokens, eps: float, layout: str,
+                   generator: torch.Generator, anchor_mask_prob: float = 0.0) -> LossOutput:
+    """Continuous-time MDLM ELBO: E_t[ w(t) * sum_masked -log p(x0|x_t) ] / scored tokens, w = 1/t."""
+    t = antithetic_times(x0.size(0), generator, x0.device)
+    maskable = maskable_positions(x0, layout, tokens.pad, anchor_mask_prob, generator)
+    x_t, masked = mask_tokens(x0, 1.0 - alpha(t, eps), maskable, tokens.mask, generator)
+    logits = model(x_t, sigma(t, eps))
+    weighted = masked_nll(logits, x0, tokens) * elbo_weight(t, eps)[:, None]
+    scored = maskable.sum()
+    loss = (weighted * masked).sum() / scored.clamp(min=1)
+    return LossOutput(loss, scored, masked.sum())
+
+
+# ---------------------------------------------------------------- discrete-time ELBO
+
+def elbo_grid(steps: int, eps: float) -> torch.Tensor:
+    """alpha_k on the uniform time grid t_k = k / T, k = 0..T (float64)."""
+    return alpha(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), eps)
+
+
+def reveal_weights(steps: int, eps: float) -> torch.Tensor:
+    """(alpha_{k-1} - alpha_k) / (1 - alpha_k) for k = 1..T: the chance a masked token is revealed at step k."""
+    a = elbo_grid(steps, eps)
+    return (a[:-1] - a[1:]) / (1.0 - a[1:])
+
+
+def terminal_bits(steps: int, eps: float, vocab_size: int) -> float:
+    """Bits per scored token for what is still visible at t = 1, coded uniformly: alpha_T log2 V."""
+    return float(elbo_grid(steps, eps)[-1]) * math.log2(vocab_size)

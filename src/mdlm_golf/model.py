@@ -1,0 +1,137 @@
+"""Bidirectional transformer denoiser: RoPE, QK-norm, ReLU^2 MLP, adaLN on the noise level."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+
+
+def sinusoidal_embedding(sigma: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """[B] noise levels -> [B, dim] sin/cos features (as in DiT / MDLM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=sigma.device) / half)
+    args = sigma.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class NoiseEmbedding(nn.Module):
+    def __init__(self, cond_dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        return self.mlp(sinusoidal_embedding(sigma, self.freq_dim))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float = 10_000.0):
+        super().__init__()
+        self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).float() / head_dim),
+                             persistent=False)
+
+    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = torch.outer(torch.arange(length, device=device).float(), self.inv_freq)
+        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        self.qkv = nn.Linear(cfg.model_dim, 3 * cfg.model_dim, bias=False)
+        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                attn_mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
+        # RMS-normed q and k keep attention logits bounded without a learned temperature
+        q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=attn_mask)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.up = nn.Linear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim, bias=False)
+        self.down = nn.Linear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.adaln = nn.Linear(cfg.cond_dim, 6 * cfg.model_dim)  # shift/scale/gate for both halves
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                attn_mask: torch.Tensor | None) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond).chunk(6, dim=-1)
+        h = modulate(F.rms_norm(x, (x.size(-1),)), shift1, scale1)
+        x = x + gate1[:, None] * self.attn(h, rotary, attn_mask)
+        h = modulate(F.rms_norm(x, (x.size(-1),)), shift2, scale2)
+        return x + gate2[:, None] * self.mlp(h)
+
+
+class MDLM(nn.Module):
+    """x_t [B, L] token ids (with MASK/PAD) and sigma [B] -> logits [B, L, vocab+2]."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.embed_rows, cfg.model_dim)
+        self.noise = NoiseEmbedding(cfg.cond_dim)
+        self.rotary = Rotary(cfg.model_dim // cfg.num_heads)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.final_adaln = nn.Linear(cfg.cond_dim, 2 * cfg.model_dim)
+        self.head = nn.Linear(cfg.model_dim, cfg.embed_rows, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        for block in self.blocks:  # adaLN-zero: every block starts as the identity
+            nn.init.zeros_(block.adaln.weight)
+            nn.init.zeros_(block.adaln.bias)
+        nn.init.zeros_(self.final_adaln.weight)
+        nn.init.zeros_(self.final_adaln.bias)
+        nn.init.zeros_(self.head.weight)  # uniform prediction at initialization
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(x_t)
+        cond = F.silu(self.noise(sigma))
+        rotary = self.rotary(x_t.size(1), x_t.device)
+        for block in self.blocks:
+            x = block(x, cond, rotary, attn_mask)
+        shift, scale = self.final_adaln(cond).chunk(2, dim=-1)
+        x = modulate(F.rms_norm(x, (x.size(-1),)), shift, scale)
+        return self.head(x)[..., : self.cfg.num_real_rows]
