@@ -85,6 +85,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), steps=args.steps)
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    from .download import download
+
+    out = Path(args.out)
+    paths = download(out, args.variant, args.train_shards, repo_id=args.repo_id,
+                     remote_root=args.remote_root, progress=not args.quiet)
+    tokenizer = next((p for p in paths if p.parent.name == "tokenizers" and p.suffix == ".model"), None)
+    print(f"{len(paths)} files under {out}; train with --data {out / 'datasets' / f'fineweb10B_{args.variant}'}"
+          + (f" --tokenizer {tokenizer}" if tokenizer else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mdlm-golf", description="Masked diffusion language models for parameter golf.")
@@ -120,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-rows", type=int, default=None, help="(slice, step) rows per forward")
     p.add_argument("--json", help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("download", help="fetch the challenge's published FineWeb shards and tokenizer (HF Hub)")
+    p.add_argument("--variant", default="sp1024", help="tokenizer family: dataset fineweb10B_<VARIANT>")
+    p.add_argument("--train-shards", type=int, default=80,
+                   help="first N train shards (~200 MB each; default 80 as in the challenge); all val shards always")
+    p.add_argument("--out", default="data", help="root of the challenge layout: datasets/, tokenizers/, manifest.json")
+    p.add_argument("--repo-id", default=None,
+                   help="HF dataset repo (default $MATCHED_FINEWEB_REPO_ID or willdepueoai/parameter-golf)")
+    p.add_argument("--remote-root", default=None,
+                   help="export folder inside the repo (default $MATCHED_FINEWEB_REMOTE_ROOT_PREFIX or datasets)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("demo", help="end to end on stdlib text in a few CPU minutes; no download")
     p.add_argument("--out", default="demo_run", help="folder for the demo's data and run")

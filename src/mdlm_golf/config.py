@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,6 +38,9 @@ class Config:
     noise_eps: float = 1e-3
     layout: str = "docs"  # "docs" (rows start at documents, PAD fill) or "stream"
     anchor_mask_prob: float = 0.0
+    # data loading
+    shards_per_group: int = 2  # train shards held in memory at a time
+    batches_per_group: int = 0  # batches served per group before rotating; 0 = cover its tokens once
     # evaluation
     elbo_steps: int = 128
     eval_num_seqs: int = 500  # 0 = the whole val split
@@ -60,7 +64,7 @@ class Config:
         if not 0.0 <= self.anchor_mask_prob <= 1.0:
             raise ValueError(f"anchor_mask_prob must lie in [0, 1], got {self.anchor_mask_prob}")
         for name in ("num_layers", "model_dim", "num_heads", "mlp_mult", "seq_len", "batch_rows",
-                     "grad_accum", "elbo_steps", "eval_batch_rows", "log_every"):
+                     "grad_accum", "elbo_steps", "eval_batch_rows", "log_every", "shards_per_group"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -115,11 +119,14 @@ def parse_value(name: str, raw: str) -> Any:
     """Turn a flag or env-var string into the field's type, with a message naming the field."""
     kind = field_types()[name]
     try:
-        if kind is bool:
-            return raw.lower() in ("1", "true", "yes", "on")
-        return kind(float(raw)) if kind is int and "e" in raw.lower() else kind(raw)
+        value = float(raw) if kind in (int, float) else raw
     except ValueError:
         raise ValueError(f"{name}: cannot read {raw!r} as {kind.__name__}") from None
+    if kind in (int, float) and not math.isfinite(value):
+        raise ValueError(f"{name}: {raw!r} is not a finite number")
+    if kind is int and value != int(value):
+        raise ValueError(f"{name}: {raw!r} is not a whole number")
+    return kind(value)
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

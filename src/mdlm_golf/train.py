@@ -15,9 +15,10 @@ import torch
 
 from .checkpoint import run_checkpoint, save_checkpoint
 from .config import Config, write_text_atomic
-from .data import BatchSampler, ByteTable, load_split, load_tokenizer
+from .data import ByteTable, load_split, load_tokenizer, shard_paths
 from .diffusion import Tokens, diffusion_loss
 from .evaluate import evaluate, format_result
+from .loader import ShardedLoader
 from .model import MDLM
 
 
@@ -109,9 +110,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.json")
     byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer_path), cfg.vocab_size)
-    train_tokens = load_split(data_dir, "train", cfg.vocab_size)
     val_tokens = load_split(data_dir, "val", cfg.vocab_size) if run_eval else None
-    sampler = BatchSampler(train_tokens, cfg.seq_len, cfg.layout, cfg.pad_id, cfg.seed)
+    loader = ShardedLoader(shard_paths(data_dir, "train"), cfg.seq_len, cfg.layout, cfg.pad_id,
+                           cfg.vocab_size, cfg.seed, shards_per_group=cfg.shards_per_group,
+                           batches_per_group=cfg.batches_per_group or None, batch_rows=cfg.batch_rows)
 
     torch.manual_seed(cfg.seed)
     model = MDLM(cfg).to(device)
@@ -121,8 +123,12 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     log = RunLog(out_dir, cfg.steps, echo)
-    for line in describe_run(cfg, model, device, train_tokens.size):
+    for line in describe_run(cfg, model, device, loader.total_tokens):
         log.line(line)
+    log.line("loader: " + loader.describe())
+    loader.on_wait = lambda e: log.line(
+        f"data: epoch {e['epoch']} group {e['group']} ({', '.join(e['shards'])}): "
+        f"waited {e['wait_s']:.3f}s for a {e['load_s']:.2f}s load")
     began = time.perf_counter()
     last_time, last_step = began, 0
     loss_sum = torch.zeros((), device=device)
@@ -134,7 +140,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(cfg.grad_accum):
-            x0 = torch.from_numpy(sampler.next_rows(cfg.batch_rows)).to(device, non_blocking=True)
+            x0 = torch.from_numpy(loader.next_rows(cfg.batch_rows)).to(device, non_blocking=True)
             with autocast:
                 out = diffusion_loss(model, x0, tokens, cfg.noise_eps, cfg.layout, mask_generator,
                                      cfg.anchor_mask_prob)
@@ -149,13 +155,15 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
         if done % cfg.log_every == 0 or done == cfg.steps:
             loss = loss_sum.item() / (done - last_step)  # the only host sync of the step
             if not math.isfinite(loss):
+                loader.close()
                 log.close()
                 raise FloatingPointError(f"loss is {loss} at step {done}; stopping before saving anything")
             now = time.perf_counter()
             tok_s = (done - last_step) * cfg.tokens_per_step / (now - last_time)
             log.line(f"step {done}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
                      f"tok/s {tok_s:,.0f} | elapsed {elapsed:.1f}s")
-            log.record(step=done, loss=loss, lr=lr, tokens_per_s=tok_s, elapsed_s=elapsed)
+            log.record(step=done, loss=loss, lr=lr, tokens_per_s=tok_s, elapsed_s=elapsed,
+                       data_wait_s=loader.stats["wait_s_total"])
             losses.append(loss)
             loss_sum.zero_()
             last_time, last_step = now, done
@@ -164,6 +172,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
             stop_reason = f"wall-clock cap of {cfg.max_wallclock:g}s reached after {elapsed:.1f}s"
             break
     train_seconds = time.perf_counter() - began
+    loader.close()
     steps_done = step + 1
     log.line(f"stopped at step {steps_done}: {stop_reason}; training time {train_seconds:.1f}s")
     save_checkpoint(run_checkpoint(out_dir), model, cfg, step=steps_done,
