@@ -66,7 +66,8 @@ def eval_run(run: Path, data: Path, json_path: Path, *extra: str) -> dict:
 
 
 def without_timing(results: dict) -> dict:
-    return {mode: {k: v for k, v in r.items() if k != "eval_seconds"} for mode, r in results.items()}
+    timing = {"eval_seconds", "seconds_per_slice_per_process"}
+    return {mode: {k: v for k, v in r.items() if k not in timing} for mode, r in results.items()}
 
 
 # ---------------------------------------------------------------- end to end

@@ -48,33 +48,42 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .train import train
 
-    cfg = build_config(args.preset, overrides=config_overrides(args))
-    train(cfg, Path(args.data), Path(args.out), tokenizer_for(Path(args.data), args.tokenizer),
-          run_eval=not args.no_eval)
+    from .train import resume_config
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = resume_config(run_dir, config_overrides(args))
+    elif args.out:
+        run_dir = Path(args.out)
+        cfg = build_config(args.preset, overrides=config_overrides(args))
+    else:
+        raise ValueError("train needs --out RUN (a new run) or --resume RUN")
+    train(cfg, Path(args.data), run_dir, tokenizer_for(Path(args.data), args.tokenizer),
+          run_eval=not args.no_eval, resume=bool(args.resume))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import torch
-
     from .checkpoint import load_model, run_checkpoint
     from .data import ByteTable, load_split, load_tokenizer
-    from .evaluate import MODES, evaluate, format_result
-    from .train import pick_device
+    from .dist import init_distributed
+    from .evaluate import MODES, evaluate, format_result, projected_seconds
 
-    device = pick_device()
-    model, cfg, state = load_model(run_checkpoint(Path(args.run)), device)
-    tokenizer = Path(args.tokenizer) if args.tokenizer else Path(state.get("tokenizer") or
-                                                                 tokenizer_for(Path(args.data), None))
+    env = init_distributed()
+    model, cfg, state = load_model(run_checkpoint(Path(args.run)), env.device)
+    tokenizer = Path(args.tokenizer or state.get("tokenizer") or tokenizer_for(Path(args.data), None))
     byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer), cfg.vocab_size)
     val = load_split(Path(args.data), "val", cfg.vocab_size)
     if args.batch_rows:
         cfg.eval_batch_rows = args.batch_rows
     modes = MODES if args.mode == "both" else (args.mode,)
-    torch.manual_seed(args.seed)
     results = evaluate(model, val, byte_table, cfg, steps=args.elbo_steps, num_seqs=args.num_seqs,
-                       seed=args.seed, modes=modes, device=device)
+                       seed=args.seed, modes=modes, device=env.device)
+    if not env.is_main:
+        return
     for r in results.values():
         print(format_result(r))
+        print(f"         {r['eval_seconds']:.1f}s on {r['world_size']} process(es); the whole split "
+              f"({val.size:,} tokens) would take ~{projected_seconds(r, val.size):.0f}s on 8 such devices")
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(results, indent=2) + "\n")
 
@@ -113,15 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an MDLM")
     p.add_argument("--data", required=True, help="folder with fineweb_{train,val}_*.bin")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one in DATA/manifest.json)")
-    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--out", help="run folder of a new run")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from RUN/checkpoint.pt")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="seed = the reference configuration (default); demo/tiny = CPU sizes")
+                   help="seed = the reference configuration (default); record = seed with the 600s "
+                        "wall-clock cap; demo/tiny = CPU sizes")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="ELBO bits per byte of a trained run on the val split")
-    p.add_argument("--run", required=True, help="run folder (holds model.pt)")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder (holds model.pt); spell it --run-dir under torchrun, whose own "
+                        "--run-path swallows --run")
     p.add_argument("--data", required=True, help="folder with fineweb_val_*.bin")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one the run trained with)")
     p.add_argument("--elbo-steps", type=int, default=128)

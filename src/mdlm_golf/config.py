@@ -27,6 +27,7 @@ class Config:
     # optimisation
     batch_rows: int = 8  # rows per micro-batch (per process)
     grad_accum: int = 4
+    global_batch_rows: int = 0  # rows per optimizer step over all processes; 0 = batch_rows x grad_accum x world
     steps: int = 6000
     lr: float = 6e-4
     warmup_steps: int = 300
@@ -48,6 +49,7 @@ class Config:
     # bookkeeping
     seed: int = 1337
     log_every: int = 10
+    checkpoint_every: int = 0  # steps between resumable checkpoints (RUN/checkpoint.pt); 0 = none
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +92,16 @@ class Config:
     def tokens_per_step(self) -> int:
         return self.batch_rows * self.grad_accum * self.seq_len
 
+    def for_world(self, world_size: int) -> "Config":
+        """This config with grad_accum set so the global batch is global_batch_rows on world_size processes."""
+        if not self.global_batch_rows:
+            return self
+        per_step = self.batch_rows * world_size
+        if self.global_batch_rows % per_step:
+            raise ValueError(f"global_batch_rows {self.global_batch_rows} is not a multiple of "
+                             f"batch_rows {self.batch_rows} x {world_size} processes")
+        return dataclasses.replace(self, grad_accum=self.global_batch_rows // per_step)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -100,6 +112,7 @@ class Config:
 # Presets only name the fields they change; everything else keeps the reference default.
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
+    "record": dict(max_wallclock=600.0),  # the challenge's 10-minute training budget
     "demo": dict(num_layers=4, model_dim=128, num_heads=4, cond_dim=64, seq_len=256,
                  batch_rows=16, grad_accum=1, steps=400, lr=2e-3, warmup_steps=40,
                  warmdown_steps=120, elbo_steps=32, eval_num_seqs=32, eval_batch_rows=64,

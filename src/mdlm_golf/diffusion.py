@@ -58,24 +58,51 @@ def antithetic_times(n: int, generator: torch.Generator, device: torch.device | 
 
 # ---------------------------------------------------------------- masking
 
+Uniforms = torch.Tensor | torch.Generator  # pre-drawn uniforms, or a generator to draw them from
+
+
+def uniforms(shape: torch.Size, source: Uniforms | None, device: torch.device) -> torch.Tensor:
+    """U(0,1) draws of `shape`: taken as given, or drawn on the CPU from a seeded generator."""
+    if isinstance(source, torch.Tensor):
+        return source.to(device)
+    return torch.rand(shape, generator=source).to(device)
+
+
+@dataclass
+class Noise:
+    """Every random draw of one training batch, so a row's noise never depends on how rows are split."""
+
+    t: torch.Tensor  # [B] diffusion times (antithetic pairs)
+    mask_u: torch.Tensor  # [B, L] position is masked iff mask_u < 1 - alpha(t)
+    anchor_u: torch.Tensor  # [B, L] a BOS anchor is maskable iff anchor_u < anchor_mask_prob
+
+    def rows(self, index: torch.Tensor | slice) -> "Noise":
+        return Noise(self.t[index], self.mask_u[index], self.anchor_u[index])
+
+
+def draw_noise(rows: int, seq_len: int, generator: torch.Generator) -> Noise:
+    t = antithetic_times(rows, generator)
+    return Noise(t, torch.rand(rows, seq_len, generator=generator),
+                 torch.rand(rows, seq_len, generator=generator))
+
+
 def maskable_positions(x0: torch.Tensor, layout: str, pad_id: int, anchor_mask_prob: float = 0.0,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """Which positions may be masked (and are scored): never PAD; in `docs` no BOS anchors."""
+                       anchor_u: Uniforms | None = None) -> torch.Tensor:
+    """Which positions may be masked (and are scored): never PAD; in `docs` no BOS anchors
+    (except, with anchor_mask_prob > 0, that fraction of them, so boundaries can be learned)."""
     maskable = x0 != pad_id
     if layout == "docs":
         anchors = x0 == BOS_ID
         if anchor_mask_prob > 0:
-            draw = torch.rand(x0.shape, generator=generator).to(x0.device)
-            anchors &= draw >= anchor_mask_prob
+            anchors &= uniforms(x0.shape, anchor_u, x0.device) >= anchor_mask_prob
         maskable &= ~anchors
     return maskable
 
 
 def mask_tokens(x0: torch.Tensor, p_mask: torch.Tensor, maskable: torch.Tensor, mask_id: int,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                mask_u: Uniforms) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each maskable position of row b with probability p_mask[b]; returns (x_t, masked)."""
-    draw = torch.rand(x0.shape, generator=generator).to(x0.device)
-    masked = (draw < p_mask[:, None]) & maskable
+    masked = (uniforms(x0.shape, mask_u, x0.device) < p_mask[:, None]) & maskable
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
@@ -113,22 +140,29 @@ def masked_nll(logits: torch.Tensor, x0: torch.Tensor, tokens: Tokens) -> torch.
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # scalar: ELBO estimate in nats per scored token
-    scored: torch.Tensor  # number of scored positions (tensor, avoids a sync)
+    loss: torch.Tensor  # scalar: ELBO estimate in nats per scored token of this batch
+    weighted_sum: torch.Tensor  # scalar: sum over masked positions of w(t) * -log p(x0 | x_t)
+    scored: torch.Tensor  # number of scored positions (a tensor: no host sync)
     masked: torch.Tensor  # number of masked positions
 
 
 def diffusion_loss(model, x0: torch.Tensor, tokens: Tokens, eps: float, layout: str,
-                   generator: torch.Generator, anchor_mask_prob: float = 0.0) -> LossOutput:
-    """Continuous-time MDLM ELBO: E_t[ w(t) * sum_masked -log p(x0|x_t) ] / scored tokens, w = 1/t."""
-    t = antithetic_times(x0.size(0), generator, x0.device)
-    maskable = maskable_positions(x0, layout, tokens.pad, anchor_mask_prob, generator)
-    x_t, masked = mask_tokens(x0, 1.0 - alpha(t, eps), maskable, tokens.mask, generator)
+                   noise: Noise | torch.Generator, anchor_mask_prob: float = 0.0) -> LossOutput:
+    """Continuous-time MDLM ELBO: E_t[ w(t) * sum_masked -log p(x0|x_t) ] / scored tokens, w = 1/t.
+
+    `noise` is the batch's pre-drawn Noise (the trainer draws it for the global batch) or a
+    generator to draw it from.
+    """
+    if isinstance(noise, torch.Generator):
+        noise = draw_noise(x0.size(0), x0.size(1), noise)
+    t = noise.t.to(x0.device)
+    maskable = maskable_positions(x0, layout, tokens.pad, anchor_mask_prob, noise.anchor_u)
+    x_t, masked = mask_tokens(x0, 1.0 - alpha(t, eps), maskable, tokens.mask, noise.mask_u)
     logits = model(x_t, sigma(t, eps))
     weighted = masked_nll(logits, x0, tokens) * elbo_weight(t, eps)[:, None]
+    weighted_sum = (weighted * masked).sum()
     scored = maskable.sum()
-    loss = (weighted * masked).sum() / scored.clamp(min=1)
-    return LossOutput(loss, scored, masked.sum())
+    return LossOutput(weighted_sum / scored.clamp(min=1), weighted_sum, scored, masked.sum())
 
 
 # ---------------------------------------------------------------- discrete-time ELBO

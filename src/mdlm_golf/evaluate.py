@@ -17,6 +17,7 @@ import torch
 from .config import BOS_ID, Config
 from .data import ByteTable
 from .diffusion import Tokens, elbo_grid, masked_nll, reveal_weights, sigma, terminal_bits
+from .dist import all_reduce_sum, dist_backend_needs_device, rank_and_world
 
 MODES = ("strict", "anchored")
 LEGACY_BYTES_PER_TOKEN = 4.3  # the constant an earlier published diffusion result divided by
@@ -110,28 +111,44 @@ def summarize(bits: float, tokens: int, num_bytes: int, **fields) -> dict:
 def evaluate(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: Config, *, steps: int,
              num_seqs: int, seed: int, modes: tuple[str, ...] = MODES,
              device: torch.device | None = None) -> dict[str, dict]:
-    """Strict and anchored ELBO bpb of `model` on the first num_seqs val slices."""
+    """Strict and anchored ELBO bpb of `model` on the first num_seqs val slices (0 = all).
+
+    Under torchrun each rank takes slices rank, rank + world, ... and bits, tokens and bytes are
+    summed over ranks in float64: the figure equals the single-process one (masks are per slice).
+    """
     device = device or next(model.parameters()).device
+    rank, world = rank_and_world()
     was_training = model.training
     model.eval()
     slices = make_slices(val_tokens, cfg.seq_len, num_seqs, byte_table, cfg.pad_id)
+    mine = slices.subset(np.arange(rank, len(slices), world))
     results = {}
     for mode in modes:
         began = time.perf_counter()
-        bits = elbo_bits(model, slices, mode, steps, cfg.noise_eps, cfg.vocab_size, seed,
+        bits = elbo_bits(model, mine, mode, steps, cfg.noise_eps, cfg.vocab_size, seed,
                          cfg.eval_batch_rows, device)
-        scored = scored_positions(torch.from_numpy(slices.tokens), mode, cfg.pad_id).numpy()
-        num_tokens = int(scored.sum())
-        total_bits = float(bits.sum()) + terminal_bits(steps, cfg.noise_eps, cfg.vocab_size) * num_tokens
+        scored = scored_positions(torch.from_numpy(mine.tokens), mode, cfg.pad_id).sum().item()
+        totals = torch.tensor([bits.sum(), scored, mine.token_bytes.sum()], dtype=torch.float64,
+                              device=device if dist_backend_needs_device() else "cpu")
+        total_bits, num_tokens, num_bytes = all_reduce_sum(totals).tolist()
+        seconds = time.perf_counter() - began
+        total_bits += terminal_bits(steps, cfg.noise_eps, cfg.vocab_size) * num_tokens
         results[mode] = summarize(
-            total_bits, num_tokens, int(slices.token_bytes.sum()),
+            total_bits, int(num_tokens), int(num_bytes),
             method="elbo", mode=mode,
             bound=f"upper bound: {steps}-step discrete-time absorbing-mask ELBO, one mask draw per step",
             elbo_steps=steps, num_seqs=len(slices), seq_len=cfg.seq_len, noise_eps=cfg.noise_eps,
-            seed=seed, eval_seconds=time.perf_counter() - began,
+            seed=seed, eval_seconds=seconds, world_size=world,
+            seconds_per_slice_per_process=seconds * world / max(1, len(slices)),
         )
     model.train(was_training)
     return results
+
+
+def projected_seconds(result: dict, total_tokens: int, processes: int = 8) -> float:
+    """Wall time the whole split would take on `processes` devices like this one, from the measured rate."""
+    slices = -(-total_tokens // result["seq_len"])
+    return result["seconds_per_slice_per_process"] * slices / processes
 
 
 def format_result(r: dict) -> str:

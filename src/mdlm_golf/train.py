@@ -4,22 +4,32 @@ from __future__ import annotations
 import json
 import math
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import run_checkpoint, save_checkpoint
-from .config import Config, write_text_atomic
+from .checkpoint import CheckpointError, read_checkpoint, run_checkpoint, save_checkpoint
+from .config import Config, config_from_dict, write_text_atomic
 from .data import ByteTable, load_split, load_tokenizer, shard_paths
-from .diffusion import Tokens, diffusion_loss
+from .diffusion import Noise, Tokens, diffusion_loss, draw_noise, maskable_positions
+from .dist import all_reduce_sum, barrier, dist_backend_needs_device, init_distributed
 from .evaluate import evaluate, format_result
 from .loader import ShardedLoader
 from .model import MDLM
+
+CHECKPOINT_NAME = "checkpoint.pt"  # training state for --resume; model.pt holds the final weights
+# fields a resumed run may change: how long and how it logs, not what it trains
+RESUMABLE_FIELDS = {"steps", "max_wallclock", "log_every", "checkpoint_every", "elbo_steps",
+                    "eval_num_seqs", "eval_batch_rows"}
 
 
 def pick_device() -> torch.device:
@@ -56,136 +66,271 @@ def git_revision() -> str:
 
 
 class RunLog:
-    """Log lines to stdout and RUN/train.log, metrics to RUN/metrics.jsonl, a bar on a terminal."""
+    """Log lines to stdout and RUN/train.log, metrics to RUN/metrics.jsonl, a bar on a terminal.
 
-    def __init__(self, run_dir: Path, total_steps: int, echo: Callable[[str], None] = print):
+    Only rank 0 logs: on other ranks (enabled=False) every method does nothing.
+    """
+
+    def __init__(self, run_dir: Path, total_steps: int, echo: Callable[[str], None] = print,
+                 enabled: bool = True):
+        self.enabled, self.echo, self.bar = enabled, echo, None
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if not enabled:
+            return
         self.text = open(run_dir / "train.log", "a", encoding="utf-8")
-        self.metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        self.echo = echo
-        self.bar = None
+        self.metrics = open(self.metrics_path, "a", encoding="utf-8")
         if sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, desc="train", leave=False, dynamic_ncols=True)
 
     def line(self, message: str) -> None:
-        (self.bar.write if self.bar else self.echo)(message)
-        self.text.write(message + "\n")
-        self.text.flush()
+        if self.enabled:
+            (self.bar.write if self.bar else self.echo)(message)
+            self.text.write(message + "\n")
+            self.text.flush()
 
     def record(self, **metrics) -> None:
-        self.metrics.write(json.dumps(metrics) + "\n")
-        self.metrics.flush()
+        if self.enabled:
+            self.metrics.write(json.dumps(metrics) + "\n")
+            self.metrics.flush()
 
-    def advance(self, loss: float | None = None) -> None:
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: drop records past the checkpoint (a killed run may have logged beyond it)."""
+        self.metrics.close()
+        kept = [line for line in self.metrics_path.read_text().splitlines(keepends=True)
+                if json.loads(line)["step"] <= step]
+        write_text_atomic(self.metrics_path, "".join(kept))
+        self.metrics = open(self.metrics_path, "a", encoding="utf-8")
+
+    def advance(self) -> None:
         if self.bar:
             self.bar.update(1)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}")
 
     def close(self) -> None:
         if self.bar:
             self.bar.close()
-        self.text.close()
-        self.metrics.close()
+        if self.enabled and not self.text.closed:
+            self.text.close()
+            self.metrics.close()
 
 
-def describe_run(cfg: Config, model: MDLM, device: torch.device, tokens: int) -> list[str]:
+def describe_run(cfg: Config, model: MDLM, device: torch.device, tokens: int, world_size: int) -> list[str]:
     return [
         f"mdlm-golf {git_revision()} | python {platform.python_version()} | torch {torch.__version__} "
         f"| numpy {np.__version__} | device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         f"model: {model.num_params():,} parameters ({cfg.num_layers} layers, width {cfg.model_dim}, "
         f"{cfg.num_heads} heads, MLP x{cfg.mlp_mult}, seq {cfg.seq_len})",
-        f"data: {tokens:,} training tokens, layout {cfg.layout}; {cfg.tokens_per_step:,} tokens/step "
-        f"({cfg.batch_rows} rows x {cfg.grad_accum} accumulation x {cfg.seq_len})",
+        f"data: {tokens:,} training tokens, layout {cfg.layout}; "
+        f"{cfg.tokens_per_step * world_size:,} tokens/step ({cfg.batch_rows} rows x {cfg.grad_accum} "
+        f"accumulation x {world_size} processes x {cfg.seq_len})",
         "config: " + json.dumps(cfg.to_dict()),
     ]
 
 
+def global_row_ids(micro: int, rows: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rows of the step's global batch that (rank, micro-step) holds, as the loader hands them out."""
+    return micro * rows * world_size + rank + world_size * torch.arange(rows)
+
+
+def step_noise(cfg: Config, step: int, world_size: int) -> Noise:
+    """All noise of one optimizer step, drawn for the global batch from a (seed, step) generator:
+    every split of the batch over ranks and micro-steps sees the same draws, and resuming needs
+    no generator state."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return draw_noise(cfg.batch_rows * cfg.grad_accum * world_size, cfg.seq_len, generator)
+
+
+class StopSignal:
+    """SIGTERM asks for a checkpoint and a clean exit at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def resume_config(run_dir: Path, overrides: dict) -> Config:
+    """The config of RUN's checkpoint; flags may change only run-control fields, not the model or data."""
+    state = read_checkpoint(run_dir / CHECKPOINT_NAME)
+    cfg = config_from_dict(state["config"], str(run_dir / CHECKPOINT_NAME))
+    for name, value in overrides.items():
+        if name not in RESUMABLE_FIELDS and getattr(cfg, name) != value:
+            raise CheckpointError(f"{run_dir / CHECKPOINT_NAME}: saved with {name}={getattr(cfg, name)!r}, "
+                                  f"asked for {value!r}; a resumed run keeps its config")
+        setattr(cfg, name, value)
+    return cfg
+
+
 def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, run_eval: bool = True,
-          device: torch.device | None = None, echo: Callable[[str], None] = print) -> dict:
-    """Train an MDLM on DIR's train shards, save RUN/model.pt, evaluate on the val shards."""
-    device = device or pick_device()
+          resume: bool = False, device: torch.device | None = None,
+          echo: Callable[[str], None] = print) -> dict:
+    """Train an MDLM on DIR's train shards (one process or torchrun), save RUN/model.pt, evaluate."""
+    env = init_distributed(device)
+    device = env.device
+    cfg = cfg.for_world(env.world_size)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(out_dir / "config.json")
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    state = read_checkpoint(out_dir / CHECKPOINT_NAME) if resume else None
     byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer_path), cfg.vocab_size)
     val_tokens = load_split(data_dir, "val", cfg.vocab_size) if run_eval else None
     loader = ShardedLoader(shard_paths(data_dir, "train"), cfg.seq_len, cfg.layout, cfg.pad_id,
                            cfg.vocab_size, cfg.seed, shards_per_group=cfg.shards_per_group,
-                           batches_per_group=cfg.batches_per_group or None, batch_rows=cfg.batch_rows)
+                           batches_per_group=cfg.batches_per_group or None, rank=env.rank,
+                           world_size=env.world_size, batch_rows=cfg.batch_rows)
 
     torch.manual_seed(cfg.seed)
     model = MDLM(cfg).to(device)
     optimizer = build_optimizer(model, cfg, device)
-    mask_generator = torch.Generator().manual_seed(cfg.seed + 1)
-    tokens = Tokens(cfg.vocab_size)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    start_step, trained_seconds = 0, 0.0
+    if state is not None:
+        restore_training_state(state, model, optimizer, loader, out_dir / CHECKPOINT_NAME)
+        start_step, trained_seconds = state["step"], state["train_seconds"]
+    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if env.distributed else model
 
-    log = RunLog(out_dir, cfg.steps, echo)
-    for line in describe_run(cfg, model, device, loader.total_tokens):
+    log = RunLog(out_dir, cfg.steps, echo, enabled=env.is_main)
+    if env.is_main:
+        cfg.save(out_dir / "config.json")
+        if resume:
+            log.truncate_metrics(start_step)
+            log.line(f"resumed from {out_dir / CHECKPOINT_NAME} at step {start_step}")
+    for line in describe_run(cfg, model, device, loader.total_tokens, env.world_size):
         log.line(line)
     log.line("loader: " + loader.describe())
     loader.on_wait = lambda e: log.line(
         f"data: epoch {e['epoch']} group {e['group']} ({', '.join(e['shards'])}): "
         f"waited {e['wait_s']:.3f}s for a {e['load_s']:.2f}s load")
-    began = time.perf_counter()
-    last_time, last_step = began, 0
-    loss_sum = torch.zeros((), device=device)
+
+    def save_training_checkpoint(done: int, seconds: float) -> None:
+        if env.is_main:
+            save_checkpoint(out_dir / CHECKPOINT_NAME, model, cfg, step=done, train_seconds=seconds,
+                            optimizer=optimizer.state_dict(), loader=loader.state_dict(),
+                            rng={"torch": torch.get_rng_state()},
+                            tokenizer=str(Path(tokenizer_path).resolve()))
+        barrier()
+
+    tokens = Tokens(cfg.vocab_size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    clock = time.perf_counter() - trained_seconds  # training time only: checkpoints are taken off it
+    last_time, last_step = time.perf_counter(), start_step
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    first_bad_step = torch.zeros((), device=device, dtype=torch.long)
     losses: list[float] = []
-    stop_reason = f"reached {cfg.steps} steps"
-    step = 0
-    for step in range(cfg.steps):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(cfg.grad_accum):
-            x0 = torch.from_numpy(loader.next_rows(cfg.batch_rows)).to(device, non_blocking=True)
-            with autocast:
-                out = diffusion_loss(model, x0, tokens, cfg.noise_eps, cfg.layout, mask_generator,
-                                     cfg.anchor_mask_prob)
-            (out.loss / cfg.grad_accum).backward()
-            loss_sum += out.loss.detach() / cfg.grad_accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    stop_reason, done = f"reached {cfg.steps} steps", start_step
+    with StopSignal() as stop_signal:
+        for step in range(start_step, cfg.steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            noise = step_noise(cfg, step, env.world_size)
+            batches = [torch.from_numpy(loader.next_rows(cfg.batch_rows)).to(device)
+                       for _ in range(cfg.grad_accum)]
+            noises = [noise.rows(global_row_ids(m, cfg.batch_rows, env.rank, env.world_size))
+                      for m in range(cfg.grad_accum)]
+            # normalize by the scored tokens of the whole global batch, so any split gives one loss
+            scored = sum(maskable_positions(x0, cfg.layout, tokens.pad, cfg.anchor_mask_prob,
+                                            n.anchor_u).sum() for x0, n in zip(batches, noises))
+            scored = all_reduce_sum(scored.double()).clamp(min=1)
+            step_loss = torch.zeros((), device=device, dtype=torch.float64)
+            for micro, (x0, micro_noise) in enumerate(zip(batches, noises)):
+                last = micro == cfg.grad_accum - 1
+                with (ddp_model.no_sync() if env.distributed and not last else nullcontext()), autocast:
+                    out = diffusion_loss(ddp_model, x0, tokens, cfg.noise_eps, cfg.layout, micro_noise,
+                                         cfg.anchor_mask_prob)
+                # DDP averages gradients over ranks; scaling by world size makes that a sum
+                (out.weighted_sum * (env.world_size / scored)).backward()
+                step_loss += out.weighted_sum.detach().double() / scored
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += step_loss
+            first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(step_loss),
+                                         step + 1, first_bad_step)
 
-        done = step + 1
-        elapsed = time.perf_counter() - began
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            loss = loss_sum.item() / (done - last_step)  # the only host sync of the step
-            if not math.isfinite(loss):
-                loader.close()
-                log.close()
-                raise FloatingPointError(f"loss is {loss} at step {done}; stopping before saving anything")
-            now = time.perf_counter()
-            tok_s = (done - last_step) * cfg.tokens_per_step / (now - last_time)
-            log.line(f"step {done}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                     f"tok/s {tok_s:,.0f} | elapsed {elapsed:.1f}s")
-            log.record(step=done, loss=loss, lr=lr, tokens_per_s=tok_s, elapsed_s=elapsed,
-                       data_wait_s=loader.stats["wait_s_total"])
-            losses.append(loss)
-            loss_sum.zero_()
-            last_time, last_step = now, done
-        log.advance()
-        if cfg.max_wallclock and elapsed >= cfg.max_wallclock and done < cfg.steps:
-            stop_reason = f"wall-clock cap of {cfg.max_wallclock:g}s reached after {elapsed:.1f}s"
-            break
-    train_seconds = time.perf_counter() - began
+            done = step + 1
+            elapsed = time.perf_counter() - clock
+            at_checkpoint = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+            if done % cfg.log_every == 0 or done == cfg.steps or at_checkpoint:
+                loss = all_reduce_sum(loss_sum.clone()).item() / (done - last_step)  # the step's host sync
+                if first_bad_step.item():
+                    log.close()
+                    loader.close()
+                    raise FloatingPointError(f"loss became {loss} at step {first_bad_step.item()}; "
+                                             f"stopped without writing a checkpoint or model")
+                now = time.perf_counter()
+                tok_s = (done - last_step) * cfg.tokens_per_step * env.world_size / (now - last_time)
+                log.line(f"step {done}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                         f"tok/s {tok_s:,.0f} | elapsed {elapsed:.1f}s")
+                log.record(step=done, loss=loss, lr=lr, tokens_per_s=tok_s, elapsed_s=elapsed,
+                           data_wait_s=loader.stats["wait_s_total"])
+                losses.append(loss)
+                loss_sum.zero_()
+                last_time, last_step = now, done
+            if at_checkpoint:
+                paused = time.perf_counter()
+                save_training_checkpoint(done, elapsed)
+                clock += time.perf_counter() - paused
+                last_time += time.perf_counter() - paused
+            log.advance()
+            if done < cfg.steps and (reason := stop_request(cfg, elapsed, stop_signal.requested, device)):
+                stop_reason = reason
+                break
+    train_seconds = time.perf_counter() - clock
     loader.close()
-    steps_done = step + 1
-    log.line(f"stopped at step {steps_done}: {stop_reason}; training time {train_seconds:.1f}s")
-    save_checkpoint(run_checkpoint(out_dir), model, cfg, step=steps_done,
-                    tokenizer=str(Path(tokenizer_path).resolve()))
-
-    summary = {"steps": steps_done, "train_seconds": train_seconds, "stop_reason": stop_reason,
+    log.line(f"stopped at step {done}: {stop_reason}; training time {train_seconds:.1f}s")
+    summary = {"steps": done, "train_seconds": train_seconds, "stop_reason": stop_reason,
                "num_params": model.num_params(), "losses": losses}
+    if stop_reason.startswith("SIGTERM"):
+        save_training_checkpoint(done, train_seconds)
+        log.line(f"checkpoint written; continue with: mdlm-golf train --resume {out_dir} --data {data_dir}")
+        log.close()
+        return summary
+    if env.is_main:
+        save_checkpoint(run_checkpoint(out_dir), model, cfg, step=done,
+                        tokenizer=str(Path(tokenizer_path).resolve()))
     if run_eval:
         results = evaluate(model, val_tokens, byte_table, cfg, steps=cfg.elbo_steps,
                            num_seqs=cfg.eval_num_seqs, seed=cfg.seed)
         for r in results.values():
             log.line("eval " + format_result(r))
-        write_text_atomic(out_dir / "eval.json", json.dumps(results, indent=2) + "\n")
+        if env.is_main:
+            write_text_atomic(out_dir / "eval.json", json.dumps(results, indent=2) + "\n")
         summary["eval"] = results
     log.close()
     return summary
+
+
+def stop_request(cfg: Config, elapsed: float, sigterm: bool, device: torch.device) -> str | None:
+    """Why to stop now, agreed by all ranks (any rank's SIGTERM or clock stops every rank)."""
+    flags = torch.tensor([float(sigterm), float(bool(cfg.max_wallclock) and elapsed >= cfg.max_wallclock)],
+                         device=device if dist_backend_needs_device() else "cpu")
+    sigterm_any, clock_any = (all_reduce_sum(flags) > 0).tolist()
+    if sigterm_any:
+        return "SIGTERM received"
+    if clock_any:
+        return f"wall-clock cap of {cfg.max_wallclock:g}s reached after {elapsed:.1f}s of training"
+    return None
+
+
+def restore_training_state(state: dict, model: MDLM, optimizer, loader: ShardedLoader, path: Path) -> None:
+    """Model, optimizer, loader position and RNG from a training checkpoint (one-line errors)."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0]})") from None
