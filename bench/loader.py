@@ -9,8 +9,7 @@ a temporary folder, then
   (a) in a fresh subprocess, iterates 1.5 epochs (>= all shards) with a simulated training step
       per batch and reports peak RSS (VmHWM, reset after imports) minus the RSS before the
       loader existed, next to the loader's buffer bytes;
-  (b) measures batch assembly throughput (tokens/s) of next_rows for both layouts, with
-      data.BatchSampler on the same tokens held in memory as a reference;
+  (b) measures batch assembly throughput (tokens/s) of next_rows for both layouts;
   (c) reports the time next_rows waited for group loads in (a) (first group excluded: it
       cannot overlap anything).
 Prints a table and one JSON line.
@@ -134,18 +133,6 @@ def throughput(pattern: str, layout: str, seq_len: int, rows: int, seconds: floa
             "groups": len(waits), "wait_s": sum(waits)}
 
 
-def reference_throughput(tokens: np.ndarray, layout: str, seq_len: int, rows: int,
-                         seconds: float) -> float:
-    from mdlm_golf.data import BatchSampler
-
-    sampler = BatchSampler(tokens, seq_len, layout, 1025, seed=0)
-    n, began = 0, time.perf_counter()
-    while time.perf_counter() - began < seconds:
-        sampler.next_rows(rows)
-        n += 1
-    return n * rows * seq_len / (time.perf_counter() - began)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=Path, default=SHARED / "docs_selected.jsonl")
@@ -165,8 +152,6 @@ def main() -> None:
     if args.child_rss:
         return child_rss(args)
 
-    from mdlm_golf.data import load_split
-
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
         prep_s = make_shards(args.docs, args.tokenizer, Path(tmp), args.shards, args.shard_tokens)
         cmd = [sys.executable, __file__, "--child-rss", "--dir", tmp]
@@ -181,9 +166,6 @@ def main() -> None:
         pattern = str(Path(tmp) / "fineweb_train_*.bin")
         tp = {layout: throughput(pattern, layout, args.seq_len, args.rows, args.seconds,
                                  args.shards_per_group) for layout in ("docs", "stream")}
-        tokens = load_split(Path(tmp), "train", 1024)
-        ref = {layout: reference_throughput(tokens, layout, args.seq_len, args.rows, args.seconds / 2)
-               for layout in ("docs", "stream")}
 
     over = rss["hwm"] - rss["baseline_rss"]
     steady = rss["waits"][1:]
@@ -200,7 +182,6 @@ def main() -> None:
                 "layout": args.layout},
         "throughput_tok_s": {k: round(v["assembly_tok_s"]) for k, v in tp.items()},
         "throughput_incl_waits_tok_s": {k: round(v["tok_s"]) for k, v in tp.items()},
-        "inmemory_batchsampler_tok_s": {k: round(v) for k, v in ref.items()},
         "wait": {"first_group_s": rss["waits"][0], "later_total_s": sum(steady),
                  "later_max_s": max(steady, default=0.0), "later_groups": len(steady),
                  "group_seconds": rss["group_seconds"], "load_s_mean": float(np.mean(rss["loads"])),
@@ -220,8 +201,7 @@ def main() -> None:
           f"{r['shards_visited']:>7} / {r['num_shards']} ({r['groups']})")
     for layout in ("docs", "stream"):
         print(f"{f'(b) next_rows {layout}, tokens/s':<46} {tp[layout]['assembly_tok_s'] / 1e6:>12.1f} M/s"
-              f"   (incl. {tp[layout]['groups']} group waits: {tp[layout]['tok_s'] / 1e6:.1f} M/s;"
-              f" in-memory BatchSampler {ref[layout] / 1e6:.1f} M/s)")
+              f"   (incl. {tp[layout]['groups']} group waits: {tp[layout]['tok_s'] / 1e6:.1f} M/s)")
     print(f"{'(c) wait for later group loads, total / max':<46} "
           f"{w['later_total_s'] * 1e3:>7.2f} / {w['later_max_s'] * 1e3:.2f} ms"
           f"   over {w['later_groups']} groups of {w['group_seconds']:.2f}s (mean load {w['load_s_mean'] * 1e3:.1f} ms;"

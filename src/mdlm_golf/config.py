@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 BOS_ID = 1  # every document of the challenge's shards starts with it
+# docs: one document (window) per row, PAD after it; packed: contiguous stream windows holding several
+# documents, attention kept inside each; stream: contiguous windows, boundaries maskable like any token
+LAYOUTS = ("docs", "packed", "stream")
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Config:
     max_wallclock: float = 0.0  # seconds of training time; 0 = no cap
     # diffusion
     noise_eps: float = 1e-3
-    layout: str = "docs"  # "docs" (rows start at documents, PAD fill) or "stream"
+    layout: str = "docs"  # one of LAYOUTS
     anchor_mask_prob: float = 0.0
     # data loading
     shards_per_group: int = 2  # train shards held in memory at a time
@@ -49,14 +52,15 @@ class Config:
     # bookkeeping
     seed: int = 1337
     log_every: int = 10
+    compile: bool = False  # torch.compile the training objective and the evaluation forward
     checkpoint_every: int = 0  # steps between resumable checkpoints (RUN/checkpoint.pt); 0 = none
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        if self.layout not in ("docs", "stream"):
-            raise ValueError(f"layout must be 'docs' or 'stream', got {self.layout!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
             raise ValueError(
                 f"model_dim {self.model_dim} must split into {self.num_heads} heads of even size"
@@ -131,6 +135,10 @@ def field_types() -> dict[str, type]:
 def parse_value(name: str, raw: str) -> Any:
     """Turn a flag or env-var string into the field's type, with a message naming the field."""
     kind = field_types()[name]
+    if kind is bool:
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"{name}: cannot read {raw!r} as a boolean (true/false)")
+        return raw.lower() in ("1", "true", "yes", "on")
     try:
         value = float(raw) if kind in (int, float) else raw
     except ValueError:

@@ -79,6 +79,9 @@ class Noise:
     def rows(self, index: torch.Tensor | slice) -> "Noise":
         return Noise(self.t[index], self.mask_u[index], self.anchor_u[index])
 
+    def to(self, device: torch.device) -> "Noise":
+        return Noise(self.t.to(device), self.mask_u.to(device), self.anchor_u.to(device))
+
 
 def draw_noise(rows: int, seq_len: int, generator: torch.Generator) -> Noise:
     t = antithetic_times(rows, generator)
@@ -91,12 +94,23 @@ def maskable_positions(x0: torch.Tensor, layout: str, pad_id: int, anchor_mask_p
     """Which positions may be masked (and are scored): never PAD; in `docs` no BOS anchors
     (except, with anchor_mask_prob > 0, that fraction of them, so boundaries can be learned)."""
     maskable = x0 != pad_id
-    if layout == "docs":
+    if layout in ("docs", "packed"):
         anchors = x0 == BOS_ID
         if anchor_mask_prob > 0:
             anchors &= uniforms(x0.shape, anchor_u, x0.device) >= anchor_mask_prob
         maskable &= ~anchors
     return maskable
+
+
+def document_ids(x0: torch.Tensor, layout: str, pad_id: int) -> torch.Tensor | None:
+    """Per-position document number for attention masking (PAD its own), or None for full attention.
+
+    `docs` and `packed` rows keep attention inside each document; `stream` attends across them.
+    """
+    if layout == "stream":
+        return None
+    ids = torch.cumsum(x0 == BOS_ID, dim=1)
+    return torch.where(x0 == pad_id, -1, ids)
 
 
 def mask_tokens(x0: torch.Tensor, p_mask: torch.Tensor, maskable: torch.Tensor, mask_id: int,
@@ -126,14 +140,16 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, tokens: Tokens) -> t
 
 
 def masked_nll(logits: torch.Tensor, x0: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-    """-log p(x0 | x_t) in nats at every position under SUBS (one log-softmax, no full copy kept).
+    """-log p(x0 | x_t) in nats at every position under SUBS, from logits in one fused cross-entropy.
 
-    Only meaningful where x_t is MASK; visible positions cost exactly 0 under SUBS and callers
-    multiply by the mask anyway.
+    Dropping the MASK and PAD columns is SUBS's "never predicted" (their probability is exactly 0);
+    visible positions cost 0 under SUBS and callers multiply by the mask. PAD targets are never
+    scored, so they are clamped into range only to keep the gather valid.
     """
-    logits = suppress_special(logits, tokens)
-    target = x0.clamp(max=tokens.vocab_size - 1)  # PAD targets are never scored; keep the gather in range
-    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    vocab = tokens.vocab_size
+    nll = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab).float(),
+                          x0.clamp(max=vocab - 1).reshape(-1), reduction="none")
+    return nll.view(x0.shape)
 
 
 # ---------------------------------------------------------------- training loss
@@ -158,11 +174,29 @@ def diffusion_loss(model, x0: torch.Tensor, tokens: Tokens, eps: float, layout: 
     t = noise.t.to(x0.device)
     maskable = maskable_positions(x0, layout, tokens.pad, anchor_mask_prob, noise.anchor_u)
     x_t, masked = mask_tokens(x0, 1.0 - alpha(t, eps), maskable, tokens.mask, noise.mask_u)
-    logits = model(x_t, sigma(t, eps))
+    logits = model(x_t, sigma(t, eps), document_ids(x0, layout, tokens.pad))
     weighted = masked_nll(logits, x0, tokens) * elbo_weight(t, eps)[:, None]
     weighted_sum = (weighted * masked).sum()
     scored = maskable.sum()
     return LossOutput(weighted_sum / scored.clamp(min=1), weighted_sum, scored, masked.sum())
+
+
+class Objective(torch.nn.Module):
+    """The denoiser and its loss as one module: torch.compile fuses the loss into the model's graph
+    (one cross-entropy pass over the logits) and DDP wraps a single thing."""
+
+    def __init__(self, model: torch.nn.Module, tokens: Tokens, eps: float, layout: str,
+                 anchor_mask_prob: float):
+        super().__init__()
+        self.model, self.tokens, self.eps = model, tokens, eps
+        self.layout, self.anchor_mask_prob = layout, anchor_mask_prob
+
+    def forward(self, x0: torch.Tensor, t: torch.Tensor, mask_u: torch.Tensor,
+                anchor_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of weighted masked NLL, scored positions) of one micro-batch."""
+        out = diffusion_loss(self.model, x0, self.tokens, self.eps, self.layout,
+                             Noise(t, mask_u, anchor_u), self.anchor_mask_prob)
+        return out.weighted_sum, out.scored
 
 
 # ---------------------------------------------------------------- discrete-time ELBO

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .config import LAYOUTS
 from .data import DataError, copy_rows, doc_windows, read_shard, read_shard_header
 
 STATE_VERSION = 1
@@ -87,7 +88,8 @@ class ShardedLoader:
     crosses from one shard into the next is whole when both shards land in the same group
     (they are then adjacent in the buffer); otherwise each part is its own, shorter document:
     the tail of the first shard ends early, and the head of the next (tokens before its first
-    BOS) becomes a row of its own. "stream": contiguous seq_len windows tiling each run of
+    BOS) becomes a row of its own. "stream" and "packed" (the same rows; the trainer keeps
+    attention inside documents for "packed"): contiguous seq_len windows tiling each run of
     file-consecutive shards from a random offset, in seeded random order (each token of the
     group at most once per pass, no window crosses into an unrelated shard; a run shorter
     than seq_len gives one PAD-filled row).
@@ -134,8 +136,8 @@ class ShardedLoader:
                  batches_per_group: int | None = None, rank: int = 0, world_size: int = 1,
                  prefetch: bool = True, on_wait: Callable[[dict], None] | None = None,
                  batch_rows: int | None = None, verify: bool = False):
-        if layout not in ("docs", "stream"):
-            raise ValueError(f"layout must be 'docs' or 'stream', got {layout!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         for name, value in (("seq_len", seq_len), ("shards_per_group", shards_per_group),
                             ("world_size", world_size), ("vocab_size", vocab_size)):
             if value < 1:

@@ -9,6 +9,11 @@ from torch import nn
 
 from .config import Config
 
+try:  # FlexAttention: torch >= 2.5; without it document masking falls back to an SDPA mask
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - old torch
+    BlockMask = create_block_mask = flex_attention = None
+
 
 def sinusoidal_embedding(sigma: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """[B] noise levels -> [B, dim] sin/cos features (as in DiT / MDLM)."""
@@ -48,6 +53,33 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+AttentionMask = torch.Tensor | BlockMask | None  # bool [B, 1, L, L] for SDPA, or a FlexAttention BlockMask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Bidirectional attention, restricted by the mask: FlexAttention for a BlockMask, else SDPA."""
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def document_mask(doc_ids: torch.Tensor | None, use_flex: bool) -> AttentionMask:
+    """Attention only between positions of the same document: block-diagonal, never wasted on PAD.
+
+    With FlexAttention (CUDA) fully masked blocks are skipped, so packed rows cost what their
+    documents cost; the SDPA fallback (CPU) materializes the [B, 1, L, L] boolean mask.
+    """
+    if doc_ids is None:
+        return None
+    if use_flex and BlockMask is not None:
+        def same_document(b, h, q_idx, kv_idx):
+            return doc_ids[b, q_idx] == doc_ids[b, kv_idx]
+
+        batch, length = doc_ids.shape
+        return create_block_mask(same_document, batch, None, length, length, device=doc_ids.device)
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -57,14 +89,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
+                attn_mask: AttentionMask) -> torch.Tensor:
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
         # RMS-normed q and k keep attention logits bounded without a learned temperature
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=attn_mask)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
         return self.proj(y.transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -86,7 +117,7 @@ class Block(nn.Module):
         self.adaln = nn.Linear(cfg.cond_dim, 6 * cfg.model_dim)  # shift/scale/gate for both halves
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
+                attn_mask: AttentionMask) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond).chunk(6, dim=-1)
         h = modulate(F.rms_norm(x, (x.size(-1),)), shift1, scale1)
         x = x + gate1[:, None] * self.attn(h, rotary, attn_mask)
@@ -106,6 +137,7 @@ class MDLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final_adaln = nn.Linear(cfg.cond_dim, 2 * cfg.model_dim)
         self.head = nn.Linear(cfg.model_dim, cfg.embed_rows, bias=False)
+        self.use_flex = False  # set by the trainer when the model is compiled on CUDA
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -126,7 +158,9 @@ class MDLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, x_t: torch.Tensor, sigma: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """doc_ids [B, L] (optional): attention stays within positions of equal id."""
+        attn_mask = document_mask(doc_ids, use_flex=self.use_flex and x_t.is_cuda)
         x = self.embed(x_t)
         cond = F.silu(self.noise(sigma))
         rotary = self.rotary(x_t.size(1), x_t.device)

@@ -16,13 +16,13 @@ t_k = k / T, k = T..1. Design points (the tests check each):
   MDLM's version evaluates at the sigma of the step after the change, which is only exact for a
   time-independent denoiser.
 - "confidence" (LLaDA-style): every step samples candidates at all masked positions and reveals the
-  n_k = round(masked * w_k) (at least 1) with the highest probability of their candidate; w_1 = 1, so
-  all are revealed within T forwards.
+  n_k = round(masked * w_k) (at least 1) whose candidate has the highest model probability (before
+  temperature and top-p); w_1 = 1, so all are revealed within T forwards.
 - Documents end at a revealed BOS or EOS at position j > 0: positions j.. become PAD (never masked,
-  never predicted). Each row keeps one PAD (position j) in view, the end marker the docs layout
-  trained on; the batch is sliced to the longest such live width among the rows in the forward, and an
-  attention mask hides the positions past a shorter row's width, so a row's distribution does not
-  depend on which other rows share its batch.
+  never predicted). A forward is sliced to the longest live document among its rows, and a shorter
+  row's PAD tail gets its own document id (doc_ids, the masking the docs/packed layouts train with),
+  so no document attends to PAD and a row sees exactly what it would see alone: its distribution does
+  not depend on which other rows share its batch.
 - Randomness: one torch.Generator per row, seeded from (seed, row), drawn on the CPU. Draws happen
   in the same order for "ancestral" and "cached", so the two agree token for token.
 """
@@ -67,7 +67,8 @@ class SampleOptions:
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.length > cfg.seq_len:
-            raise ValueError(f"length {self.length} exceeds the model's training length seq_len={cfg.seq_len}")
+            raise ValueError(f"length {self.length} exceeds the model's training length "
+                             f"seq_len={cfg.seq_len}")
         if self.length < len(self.prompt_ids) + 2:
             raise ValueError(f"length {self.length} leaves nothing to generate after BOS and a "
                              f"{len(self.prompt_ids)}-token prompt")
@@ -118,7 +119,7 @@ def generate(model, cfg: Config, *, num: int, length: int, steps: int, sampler: 
             masked = x == tokens.mask
             active = masked.any(1)
             if not bool(active.any()):
-                break  # every row finished early (boundaries)
+                break  # every row is fully revealed (boundaries or confidence rounding)
             if sampler == "confidence":
                 pick, rows = masked, active
             else:
@@ -160,28 +161,27 @@ def first_pad(row: torch.Tensor, tokens: Tokens) -> int:
 
 
 def live_widths(x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-    """Per row: positions the network must see, the document plus one PAD marking its end."""
-    num_pad = (x == tokens.pad).sum(1)
-    return torch.where(num_pad > 0, x.size(1) - num_pad + 1, x.size(1))
+    """Per row: positions the network must see, those before the first PAD (PAD is only a suffix)."""
+    return x.size(1) - (x == tokens.pad).sum(1)
 
 
 def run_network(model, x: torch.Tensor, rows: torch.Tensor, widths: torch.Tensor,
                 sigma_k: float) -> torch.Tensor:
     """Logits [rows, W, vocab+2] for the selected rows, sliced to W = their widest live width.
 
-    Rows narrower than W get an attention mask hiding their positions past their width, so a row
-    sees exactly what it would see alone.
+    When a row is narrower than W, doc_ids put its PAD tail in a document of its own (id -1, as
+    diffusion.document_ids does), so its document attends only to itself.
     """
     index = rows.nonzero().squeeze(1)
     row_widths = widths[index]
     width = int(row_widths.max())
-    attn_mask = None
+    x_in = x[index, :width]
+    doc_ids = None
     if int(row_widths.min()) < width:
-        keys = torch.arange(width, device=x.device)[None] < row_widths[:, None]
-        attn_mask = keys[:, None, None, :]  # [rows, heads, queries, keys], True = attend
+        doc_ids = -(torch.arange(width, device=x.device)[None] >= row_widths[:, None]).long()
     sigma_in = torch.full((index.numel(),), sigma_k, dtype=torch.float32, device=x.device)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-        return model(x[index, :width], sigma_in, attn_mask=attn_mask)
+        return model(x_in, sigma_in, doc_ids)
 
 
 def reveal_tokens(x: torch.Tensor, pick: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor,
@@ -205,14 +205,16 @@ def sample_tokens(logits: torch.Tensor, counts: list[int], generators: list[torc
     """One id per row of logits [N, vocab+2] at masked positions (SUBS: MASK/PAD impossible).
 
     Gumbel-max over the tempered, nucleus-filtered distribution; counts[i] rows belong to sample i and
-    take their noise from generators[i]. Returns the ids and their probability under that distribution.
+    take their noise from generators[i]. Returns the ids and the model's own probability of each
+    (before temperature and top-p, as LLaDA ranks by: a filtered probability would be 1 under greedy).
     """
-    log_p = F.log_softmax(suppress_special(logits, tokens) / temperature, dim=-1)[:, : tokens.vocab_size]
+    log_p = F.log_softmax(suppress_special(logits, tokens), dim=-1)[:, : tokens.vocab_size]
+    log_q = log_p if temperature == 1.0 else F.log_softmax(log_p / temperature, dim=-1)
     if top_p < 1.0:
-        log_p = nucleus(log_p, top_p)
+        log_q = nucleus(log_q, top_p)
     u = torch.cat([torch.rand(n, tokens.vocab_size, generator=g) for n, g in zip(counts, generators) if n])
     gumbel = -torch.log(-torch.log(u.clamp(min=torch.finfo(u.dtype).tiny)))
-    ids = (log_p + gumbel.to(log_p.device)).argmax(-1)
+    ids = (log_q + gumbel.to(log_q.device)).argmax(-1)
     return ids, log_p.gather(-1, ids[:, None]).squeeze(-1).exp()
 
 

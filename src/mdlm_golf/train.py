@@ -18,10 +18,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import CheckpointError, read_checkpoint, run_checkpoint, save_checkpoint
-from .config import Config, config_from_dict, write_text_atomic
+from .config import BOS_ID, Config, config_from_dict, write_text_atomic
 from .data import ByteTable, load_split, load_tokenizer, shard_paths
-from .diffusion import Noise, Tokens, diffusion_loss, draw_noise, maskable_positions
-from .dist import all_reduce_sum, barrier, dist_backend_needs_device, init_distributed
+from .diffusion import Noise, Objective, Tokens, draw_noise, maskable_positions
+from .dist import DistEnv, all_reduce_sum, barrier, dist_backend_needs_device, init_distributed
 from .evaluate import evaluate, format_result
 from .loader import ShardedLoader
 from .model import MDLM
@@ -198,8 +198,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     if state is not None:
         restore_training_state(state, model, optimizer, loader, out_dir / CHECKPOINT_NAME)
         start_step, trained_seconds = state["step"], state["train_seconds"]
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if env.distributed else model
+    objective = build_objective(model, cfg, env)
 
     log = RunLog(out_dir, cfg.steps, echo, enabled=env.is_main)
     if env.is_main:
@@ -222,8 +221,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
                             tokenizer=str(Path(tokenizer_path).resolve()))
         barrier()
 
-    tokens = Tokens(cfg.vocab_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if cfg.compile:
+        log.line(f"compile: warm-up took {warm_up(objective, model, cfg, env, autocast):.1f}s "
+                 f"(off the training clock)")
     clock = time.perf_counter() - trained_seconds  # training time only: checkpoints are taken off it
     last_time, last_step = time.perf_counter(), start_step
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -235,27 +236,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            noise = step_noise(cfg, step, env.world_size)
-            batches = [torch.from_numpy(loader.next_rows(cfg.batch_rows)).to(device)
-                       for _ in range(cfg.grad_accum)]
-            noises = [noise.rows(global_row_ids(m, cfg.batch_rows, env.rank, env.world_size))
-                      for m in range(cfg.grad_accum)]
-            # normalize by the scored tokens of the whole global batch, so any split gives one loss
-            scored = sum(maskable_positions(x0, cfg.layout, tokens.pad, cfg.anchor_mask_prob,
-                                            n.anchor_u).sum() for x0, n in zip(batches, noises))
-            scored = all_reduce_sum(scored.double()).clamp(min=1)
-            step_loss = torch.zeros((), device=device, dtype=torch.float64)
-            for micro, (x0, micro_noise) in enumerate(zip(batches, noises)):
-                last = micro == cfg.grad_accum - 1
-                with (ddp_model.no_sync() if env.distributed and not last else nullcontext()), autocast:
-                    out = diffusion_loss(ddp_model, x0, tokens, cfg.noise_eps, cfg.layout, micro_noise,
-                                         cfg.anchor_mask_prob)
-                # DDP averages gradients over ranks; scaling by world size makes that a sum
-                (out.weighted_sum * (env.world_size / scored)).backward()
-                step_loss += out.weighted_sum.detach().double() / scored
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = train_step(objective, model, optimizer, loader, cfg, step, env, autocast)
             loss_sum += step_loss
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(step_loss),
                                          step + 1, first_bad_step)
@@ -311,6 +292,62 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
         summary["eval"] = results
     log.close()
     return summary
+
+
+def build_objective(model: MDLM, cfg: Config, env: DistEnv) -> torch.nn.Module:
+    """Model + loss, compiled when cfg.compile (FlexAttention document masks on CUDA), DDP-wrapped
+    under torchrun."""
+    objective = Objective(model, Tokens(cfg.vocab_size), cfg.noise_eps, cfg.layout, cfg.anchor_mask_prob)
+    if cfg.compile:
+        model.use_flex = env.device.type == "cuda"
+        objective = torch.compile(objective)
+    if env.distributed:
+        objective = DDP(objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return objective
+
+
+def train_step(objective: torch.nn.Module, model: MDLM, optimizer: torch.optim.Optimizer,
+               loader: ShardedLoader, cfg: Config, step: int, env: DistEnv, autocast) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; returns the step's loss share of this rank
+    (a device tensor: reading it is left to the log steps)."""
+    device, pad_id = env.device, cfg.pad_id
+    noise = step_noise(cfg, step, env.world_size)
+    batches = [torch.from_numpy(loader.next_rows(cfg.batch_rows)).to(device, non_blocking=True)
+               for _ in range(cfg.grad_accum)]
+    noises = [noise.rows(global_row_ids(m, cfg.batch_rows, env.rank, env.world_size)).to(device)
+              for m in range(cfg.grad_accum)]
+    # normalize by the scored tokens of the whole global batch, so any split gives one loss
+    scored = sum(maskable_positions(x0, cfg.layout, pad_id, cfg.anchor_mask_prob, n.anchor_u).sum()
+                 for x0, n in zip(batches, noises))
+    scored = all_reduce_sum(scored.double()).clamp(min=1)
+    step_loss = torch.zeros((), device=device, dtype=torch.float64)
+    for micro, (x0, n) in enumerate(zip(batches, noises)):
+        last = micro == cfg.grad_accum - 1
+        with (objective.no_sync() if env.distributed and not last else nullcontext()), autocast:
+            weighted_sum, _ = objective(x0, n.t, n.mask_u, n.anchor_u)
+        # DDP averages gradients over ranks; scaling by world size makes that a sum
+        (weighted_sum * (env.world_size / scored)).backward()
+        step_loss += weighted_sum.detach().double() / scored
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def warm_up(objective: torch.nn.Module, model: MDLM, cfg: Config, env: DistEnv, autocast) -> float:
+    """Compile with one forward/backward on synthetic rows of the training shape; changes nothing."""
+    began = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randint(2, cfg.vocab_size, (cfg.batch_rows, cfg.seq_len), generator=generator)
+    x0[:, 0] = BOS_ID
+    noise = draw_noise(cfg.batch_rows, cfg.seq_len, generator).to(env.device)
+    with autocast:
+        weighted_sum, _ = objective(x0.to(env.device), noise.t, noise.mask_u, noise.anchor_u)
+    weighted_sum.backward()
+    model.zero_grad(set_to_none=True)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+    return time.perf_counter() - began
 
 
 def stop_request(cfg: Config, elapsed: float, sigterm: bool, device: torch.device) -> str | None:

@@ -1,0 +1,416 @@
+"""A compressor that realizes the planned-order code length: arithmetic coding driven by the MDLM.
+
+The encoder runs planned.run_planned, the loop planned_bits measures, and codes each chosen token
+with the model's quantized marginal at its position; the decoder runs the same loop on the same
+revealed state, so it makes the same choices and rebuilds the same frequencies. What it needs to be
+bit-identical: CPU, float32, one torch thread while coding, the same batch of slices per forward
+(the batch size is in the header). A file made on another CPU or torch build may still decode
+differently; the token CRC then catches it.
+
+Coder: Witten-Neal-Cleary arithmetic coding, 32-bit low/high, bit output with pending bits.
+Frequencies: freq = floor(p * (TOTAL - V)) + 1 with TOTAL = 2**20, so every token has freq >= 1
+and the total stays far below the coder's minimum range (2**30); the quantization costs
+~V / TOTAL / ln 2 = 0.0014 bits per token, the coder ~2 bits per file.
+
+File (all integers little-endian; "uv" = unsigned LEB128 varint):
+  b"MDZ1" | version u8 | flags u8 (1: anchored, 2: text round-trips, text CRC present) | order u8 |
+  uv seq_len, tokens_per_pass (0 = by passes), passes (0 = by tokens per pass), batch_rows,
+  num_tokens, num_anchors, anchor gaps... | CRC32 of the token ids (uint32 each) u32 |
+  [CRC32 of the UTF-8 text u32] | model fingerprint 8 bytes | CRC32 of the header so far u32 | code
+Anchored mode gives the BOS positions (the anchors) in the header and codes every other token;
+strict codes every token. Trailing zero bytes of the code are dropped (the decoder reads zeros).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import BOS_ID, Config
+from .diffusion import Tokens
+from .planned import ORDERS, Schedule, check_order, masked_start, run_planned
+
+MAGIC = b"MDZ1"
+VERSION = 1
+STATE_BITS = 32
+FULL = (1 << STATE_BITS) - 1
+HALF = 1 << (STATE_BITS - 1)
+QUARTER = 1 << (STATE_BITS - 2)
+TOTAL = 1 << 20  # frequency scale; must stay well below QUARTER
+CODER_MODES = ("strict", "anchored")
+FLAG_ANCHORED, FLAG_TEXT = 1, 2
+
+
+class CoderError(ValueError):
+    """A compressed file that cannot be decoded faithfully; the message is one line."""
+
+
+# ---------------------------------------------------------------- arithmetic coding
+
+class ArithmeticEncoder:
+    def __init__(self) -> None:
+        self.low, self.high, self.pending = 0, FULL, 0
+        self.bits = bytearray()
+
+    def encode(self, lo: int, hi: int, total: int) -> None:
+        """Narrow to the symbol's [lo, hi) of `total`, then shift out the settled leading bits."""
+        span = self.high - self.low + 1
+        self.high = self.low + span * hi // total - 1
+        self.low = self.low + span * lo // total
+        while True:
+            if self.high < HALF:
+                self._emit(0)
+            elif self.low >= HALF:
+                self._emit(1)
+                self.low -= HALF
+                self.high -= HALF
+            elif self.low >= QUARTER and self.high < HALF + QUARTER:
+                self.pending += 1  # straddles the middle: the bit is known only later
+                self.low -= QUARTER
+                self.high -= QUARTER
+            else:
+                break
+            self.low <<= 1
+            self.high = (self.high << 1) | 1
+
+    def _emit(self, bit: int) -> None:
+        self.bits.append(bit)
+        self.bits.extend([1 - bit] * self.pending)
+        self.pending = 0
+
+    def finish(self) -> bytes:
+        """Two more bits pick a point inside [low, high] whatever zeros follow; zero bytes dropped."""
+        self.pending += 1
+        self._emit(0 if self.low < QUARTER else 1)
+        return np.packbits(np.frombuffer(bytes(self.bits), dtype=np.uint8)).tobytes().rstrip(b"\0")
+
+
+class ArithmeticDecoder:
+    def __init__(self, code: bytes) -> None:
+        self.bits = np.unpackbits(np.frombuffer(code, dtype=np.uint8)).tolist()
+        self.position = 0
+        self.low, self.high, self.value = 0, FULL, 0
+        for _ in range(STATE_BITS):
+            self.value = (self.value << 1) | self._bit()
+
+    def _bit(self) -> int:
+        self.position += 1
+        return self.bits[self.position - 1] if self.position <= len(self.bits) else 0
+
+    def target(self, total: int) -> int:
+        """Where the code value falls on the [0, total) scale of the next symbol."""
+        span = self.high - self.low + 1
+        return ((self.value - self.low + 1) * total - 1) // span
+
+    def consume(self, lo: int, hi: int, total: int) -> None:
+        span = self.high - self.low + 1
+        self.high = self.low + span * hi // total - 1
+        self.low = self.low + span * lo // total
+        while True:
+            if self.high < HALF:
+                pass
+            elif self.low >= HALF:
+                self.low, self.high, self.value = self.low - HALF, self.high - HALF, self.value - HALF
+            elif self.low >= QUARTER and self.high < HALF + QUARTER:
+                self.low, self.high, self.value = (self.low - QUARTER, self.high - QUARTER,
+                                                   self.value - QUARTER)
+            else:
+                break
+            self.low = self.low << 1
+            self.high = (self.high << 1) | 1
+            self.value = (self.value << 1) | self._bit()
+
+
+def cumulative_frequencies(logits: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """[N, V] int64 running sums of freq = floor(p (TOTAL - V)) + 1, p the float32 SUBS softmax.
+
+    float32 p times an integer below 2**24 is exact in float64, so the floor is reproducible.
+    """
+    p = torch.softmax(logits.float(), dim=-1)[:, :vocab_size].double().cpu().numpy()
+    freq = np.floor(p * (TOTAL - vocab_size)).astype(np.int64) + 1
+    return np.cumsum(freq, axis=1)
+
+
+# ---------------------------------------------------------------- header
+
+def model_fingerprint(model, cfg: Config) -> bytes:
+    """First 8 bytes of sha256 over the float32 weights (names, shapes, values) and vocab/noise_eps."""
+    h = hashlib.sha256(json.dumps({"vocab_size": cfg.vocab_size, "noise_eps": cfg.noise_eps}).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.digest()[:8]
+
+
+def ids_crc(ids: np.ndarray) -> int:
+    return zlib.crc32(np.asarray(ids, dtype="<u4").tobytes())
+
+
+def put_varint(out: bytearray, value: int) -> None:
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return
+
+
+class Reader:
+    """Reads header fields from bytes; running off the end is a CoderError."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.offset = data, 0
+
+    def take(self, size: int) -> bytes:
+        if self.offset + size > len(self.data):
+            raise CoderError("truncated header")
+        chunk = self.data[self.offset:self.offset + size]
+        self.offset += size
+        return chunk
+
+    def u32(self) -> int:
+        return struct.unpack("<I", self.take(4))[0]
+
+    def varint(self) -> int:
+        value = shift = 0
+        while True:
+            byte = self.take(1)[0]
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise CoderError("corrupted header (varint too long)")
+
+
+@dataclass
+class Header:
+    mode: str
+    order: str
+    seq_len: int
+    schedule: Schedule
+    batch_rows: int
+    num_tokens: int
+    anchors: list[int]  # stream positions of the given BOS tokens (anchored mode)
+    ids_crc: int
+    text_crc: int | None
+    fingerprint: bytes
+
+    def encode(self) -> bytes:
+        flags = (FLAG_ANCHORED if self.mode == "anchored" else 0) | (FLAG_TEXT if self.text_crc is not None else 0)
+        out = bytearray(MAGIC + bytes([VERSION, flags, ORDERS.index(self.order)]))
+        for value in (self.seq_len, self.schedule.tokens_per_pass or 0, self.schedule.passes or 0,
+                      self.batch_rows, self.num_tokens, len(self.anchors)):
+            put_varint(out, value)
+        for gap in np.diff(self.anchors, prepend=0).tolist():
+            put_varint(out, gap)
+        out += struct.pack("<I", self.ids_crc)
+        if self.text_crc is not None:
+            out += struct.pack("<I", self.text_crc)
+        out += self.fingerprint
+        return bytes(out + struct.pack("<I", zlib.crc32(out)))
+
+    @classmethod
+    def decode(cls, data: bytes) -> tuple["Header", bytes]:
+        """The header and the code after it."""
+        r = Reader(data)
+        if r.take(4) != MAGIC:
+            raise CoderError("not an MDZ1 file (bad magic)")
+        version, flags, order = r.take(3)
+        if version != VERSION:
+            raise CoderError(f"unsupported MDZ1 version {version} (expected {VERSION})")
+        seq_len, per_pass, passes, batch_rows, num_tokens, num_anchors = (r.varint() for _ in range(6))
+        if num_anchors > num_tokens:
+            raise CoderError("corrupted header (more anchors than tokens)")
+        anchors = np.cumsum([r.varint() for _ in range(num_anchors)]).tolist()
+        crc = r.u32()
+        text_crc = r.u32() if flags & FLAG_TEXT else None
+        fingerprint = r.take(8)
+        if r.u32() != zlib.crc32(data[:r.offset - 4]):
+            raise CoderError("corrupted header (CRC mismatch)")
+        if order >= len(ORDERS) or seq_len < 1 or batch_rows < 1 or (per_pass == 0) == (passes == 0):
+            raise CoderError("corrupted header (bad field)")
+        schedule = Schedule(per_pass or None, passes or None)
+        mode = "anchored" if flags & FLAG_ANCHORED else "strict"
+        return cls(mode, ORDERS[order], seq_len, schedule, batch_rows, num_tokens, anchors, crc,
+                   text_crc, fingerprint), data[r.offset:]
+
+
+# ---------------------------------------------------------------- coding the token stream
+
+@contextmanager
+def coding_context(model):
+    """One torch thread, no grad, eval mode: the forward must be bit-identical in encoder and decoder."""
+    param = next(model.parameters(), None)
+    if param is not None and (param.device.type != "cpu" or param.dtype != torch.float32):
+        raise ValueError("the coder needs the model on the CPU in float32 (load it with device='cpu')")
+    threads, was_training = torch.get_num_threads(), model.training
+    torch.set_num_threads(1)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        model.train(was_training)
+
+
+def slice_rows(num_tokens: int, seq_len: int, tokens: Tokens, anchors: list[int],
+               ids: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0 [S, L], scored [S, L]): the stream cut into seq_len slices, PAD after its end; without ids
+    the coded positions hold MASK (what the decoder starts from). Anchors are BOS and not scored."""
+    rows = -(-num_tokens // seq_len)
+    flat = torch.full((rows * seq_len,), tokens.pad, dtype=torch.long)
+    flat[:num_tokens] = tokens.mask if ids is None else torch.from_numpy(ids)
+    scored = flat != tokens.pad
+    if anchors:
+        index = torch.tensor(anchors, dtype=torch.long)
+        flat[index], scored[index] = BOS_ID, False
+    return flat.view(rows, seq_len), scored.view(rows, seq_len)
+
+
+def code_slices(model, header: Header, eps: float, tokens: Tokens, reveal_for) -> torch.Tensor:
+    """Run the planned loop over the slices in header.batch_rows batches; reveal_for(x0_batch) makes
+    each batch's reveal callback. Returns the decoded x [S, L]."""
+    x, scored = slice_rows(header.num_tokens, header.seq_len, tokens, header.anchors)
+    for start in range(0, x.size(0), header.batch_rows):
+        batch = slice(start, start + header.batch_rows)
+        x_b = masked_start(x[batch], scored[batch], tokens)
+        run_planned(model, x_b, scored[batch], header.schedule, header.order, eps, tokens,
+                    reveal_for(batch))
+        x[batch] = x_b
+    return x
+
+
+def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
+                    tokens_per_pass: int | None = None, passes: int | None = None,
+                    mode: str = "anchored", batch_rows: int = 8, text_crc: int | None = None) -> bytes:
+    """An MDZ1 byte string coding token_ids slice by slice in planned order (one ids CRC inside)."""
+    check_order(order)
+    if mode not in CODER_MODES:
+        raise ValueError(f"mode must be one of {CODER_MODES}, got {mode!r}")
+    if tokens_per_pass is None and passes is None:
+        tokens_per_pass = 1
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+    tokens = Tokens(cfg.vocab_size)
+    anchors = np.flatnonzero(ids == BOS_ID).tolist() if mode == "anchored" else []
+    header = Header(mode, order, cfg.seq_len, Schedule(tokens_per_pass, passes), batch_rows, int(ids.size),
+                    anchors, ids_crc(ids), text_crc, model_fingerprint(model, cfg))
+    x0, _ = slice_rows(ids.size, cfg.seq_len, tokens, anchors, ids)
+    encoder = ArithmeticEncoder()
+
+    def reveal_for(batch):
+        def encode(rows, logits, chosen):
+            truth = x0[batch][rows]
+            cum = cumulative_frequencies(logits[chosen], cfg.vocab_size)
+            symbols = truth[chosen].numpy()
+            index = np.arange(symbols.size)
+            hi = cum[index, symbols]
+            lo = np.where(symbols > 0, cum[index, np.maximum(symbols - 1, 0)], 0)
+            for a, b, total in zip(lo.tolist(), hi.tolist(), cum[:, -1].tolist()):
+                encoder.encode(a, b, total)
+            return truth
+        return encode
+
+    with coding_context(model):
+        code_slices(model, header, cfg.noise_eps, tokens, reveal_for)
+    return header.encode() + encoder.finish()
+
+
+def decode_stream(model, cfg: Config, data: bytes) -> tuple[Header, np.ndarray]:
+    """The header and the decoded token ids, checked against the model fingerprint and the ids CRC."""
+    header, code = Header.decode(data)
+    if header.fingerprint != model_fingerprint(model, cfg):
+        raise CoderError(f"made with a different model (fingerprint {header.fingerprint.hex()}, "
+                         f"this model {model_fingerprint(model, cfg).hex()})")
+    if header.anchors and (header.anchors[-1] >= header.num_tokens or len(set(header.anchors)) < len(header.anchors)):
+        raise CoderError("corrupted header (anchor positions)")
+    tokens = Tokens(cfg.vocab_size)
+    decoder = ArithmeticDecoder(code)
+
+    def reveal_for(batch):
+        def decode(rows, logits, chosen):
+            cum = cumulative_frequencies(logits[chosen], cfg.vocab_size)
+            symbols = []
+            for row in cum:
+                total = int(row[-1])
+                s = min(int(np.searchsorted(row, decoder.target(total), side="right")), cfg.vocab_size - 1)
+                decoder.consume(int(row[s - 1]) if s else 0, int(row[s]), total)
+                symbols.append(s)
+            values = torch.full(chosen.shape, tokens.mask, dtype=torch.long)
+            values[chosen] = torch.tensor(symbols, dtype=torch.long)
+            return values
+        return decode
+
+    with coding_context(model):
+        x = code_slices(model, header, cfg.noise_eps, tokens, reveal_for)
+    ids = x.reshape(-1)[: header.num_tokens].numpy()
+    if ids_crc(ids) != header.ids_crc:
+        raise CoderError("decoded tokens fail their CRC (corrupted data, or a different torch/CPU)")
+    return header, ids
+
+
+def decompress_tokens(model, cfg: Config, payload: bytes) -> np.ndarray:
+    """The token ids compress_tokens coded into `payload` (int64)."""
+    return decode_stream(model, cfg, payload)[1]
+
+
+# ---------------------------------------------------------------- text files
+
+def text_tokens(sp, text: str) -> np.ndarray:
+    """The text as one document: [BOS] + its ids."""
+    return np.asarray([BOS_ID, *sp.encode(text)], dtype=np.int64)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def compress_file(model, cfg: Config, sp, text: str, out_path: Path, *, order: str = "confidence",
+                  tokens_per_pass: int | None = None, passes: int | None = None,
+                  mode: str = "anchored", batch_rows: int = 8) -> dict:
+    """Write `text` as an MDZ1 file; returns sizes and whether the tokenizer round-trips it.
+
+    A text the tokenizer cannot rebuild (NFKC changes, characters outside the vocabulary) is stored
+    as its tokens: decompress_file then returns sp.decode(ids), and the header says so.
+    """
+    ids = text_tokens(sp, text)
+    round_trips = sp.decode(ids[1:].tolist()) == text
+    text_crc = zlib.crc32(text.encode("utf-8")) if round_trips else None
+    data = compress_tokens(model, cfg, ids, order=order, tokens_per_pass=tokens_per_pass, passes=passes,
+                           mode=mode, batch_rows=batch_rows, text_crc=text_crc)
+    write_bytes_atomic(Path(out_path), data)
+    header_bytes = len(Header.decode(data)[0].encode())
+    return {"tokens": int(ids.size), "text_bytes": len(text.encode("utf-8")), "file_bytes": len(data),
+            "header_bytes": header_bytes, "code_bytes": len(data) - header_bytes, "round_trips": round_trips}
+
+
+def decompress_file(model, cfg: Config, sp, path: Path) -> str:
+    """The text of an MDZ1 file; any mismatch is a one-line CoderError naming the file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CoderError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header, ids = decode_stream(model, cfg, data)
+        if ids.size == 0 or ids[0] != BOS_ID:
+            raise CoderError("not a text file (the token stream does not start with BOS)")
+        text = sp.decode(ids[1:].tolist())
+        if header.text_crc is not None and zlib.crc32(text.encode("utf-8")) != header.text_crc:
+            raise CoderError("decoded text fails its CRC")
+    except CoderError as e:
+        raise CoderError(f"{path}: {e}") from None
+    return text

@@ -1,0 +1,224 @@
+"""Planned-order code length: an exact code length of the val text, not a bound (project issue 8).
+
+A slice is decoded from fully masked in passes. Each pass runs the network on what is revealed so far,
+picks the next positions with a rule that sees only that output and the revealed tokens, and charges
+-log2 p(x_i | revealed) for each picked token under the SUBS distribution (MASK and PAD impossible).
+Revealing m tokens per pass codes them with the product of their marginals: still a valid code,
+decodable in the same order, at L / m network evaluations per slice (m = 1, left to right, is the
+chain rule). coder.py turns these numbers into a file by running the very same loop.
+
+Design choices (the tests check each):
+- sigma: the network is conditioned as in training, where a position is masked with probability
+  1 - alpha(t) = (1 - eps) t. A pass with a fraction f of the slice's scored positions still masked
+  gets t = min(f / (1 - eps), 1), so sigma = -log(1 - f), clamped at f = 1 - eps to sigma(1) =
+  -log(eps), the largest noise level training ever saw (and the ELBO's first step uses).
+- Schedule: `tokens_per_pass=m` reveals m per pass (fewer in the last); `passes=P` spreads a slice's
+  n scored positions evenly over min(P, n) passes, pass k revealing ceil(nk/P) - ceil(n(k-1)/P).
+  A slice whose schedule is done leaves the forward: network evaluations per slice = its passes.
+- Ties in the rule's score go to the leftmost position; nothing is random.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .data import ByteTable
+from .diffusion import Tokens, sigma, suppress_special
+from .dist import all_reduce_sum, dist_backend_needs_device, rank_and_world
+from .evaluate import MODES, EvalSlices, make_slices, scored_positions, summarize
+
+ORDERS = ("left-to-right", "confidence", "margin")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many positions each pass reveals: a fixed count per pass, or a fixed number of passes."""
+
+    tokens_per_pass: int | None = None
+    passes: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tokens_per_pass is None) == (self.passes is None):
+            raise ValueError("give exactly one of tokens_per_pass and passes")
+        value = self.tokens_per_pass if self.passes is None else self.passes
+        if int(value) != value or value < 1:
+            name = "tokens_per_pass" if self.passes is None else "passes"
+            raise ValueError(f"{name} must be a whole number >= 1, got {value}")
+
+    def counts(self, n: int) -> list[int]:
+        """Positions revealed by each pass of a slice with n scored positions (sum = n, each >= 1)."""
+        if self.tokens_per_pass is not None:
+            m = self.tokens_per_pass
+            return [m] * (n // m) + ([n % m] if n % m else [])
+        p = min(self.passes, n)
+        if p == 0:
+            return []
+        revealed = [-(-n * k // p) for k in range(p + 1)]  # ceil(n k / p) after pass k
+        return [b - a for a, b in zip(revealed, revealed[1:])]
+
+    def describe(self) -> str:
+        if self.tokens_per_pass is not None:
+            return f"{self.tokens_per_pass} token(s) per pass"
+        return f"{self.passes} passes"
+
+
+def check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+
+
+def pass_sigma(masked: torch.Tensor, scored_count: torch.Tensor, eps: float) -> torch.Tensor:
+    """sigma [B] (float32) for rows with `masked` of their `scored_count` positions still masked."""
+    f = masked.sum(1).double() / scored_count.double().clamp(min=1)
+    t = (f / (1.0 - eps)).clamp(max=1.0)
+    return sigma(t, eps).float()
+
+
+def choose_positions(logits: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor,
+                     order: str) -> torch.Tensor:
+    """The next positions to reveal, bool [B, L]: counts[b] of row b's masked positions.
+
+    Sees only the (MASK/PAD-suppressed) logits and which positions are masked, so a decoder that has
+    the revealed tokens makes the same choice. Ties go to the leftmost position (a stable sort).
+    """
+    batch, length = masked.shape
+    position = torch.arange(length, device=masked.device)
+    if order == "left-to-right":
+        score = -position.float().expand(batch, length)
+    else:
+        lse = torch.logsumexp(logits, dim=-1)
+        top = logits.topk(2, dim=-1).values
+        score = torch.exp(top[..., 0] - lse)
+        if order == "margin":
+            score = score - torch.exp(top[..., 1] - lse)
+    key = (-score).masked_fill(~masked, float("inf"))
+    ranked = torch.argsort(key, dim=1, stable=True)
+    rank = torch.empty_like(ranked).scatter_(1, ranked, position.expand(batch, length).contiguous())
+    return masked & (rank < counts.to(masked.device)[:, None])
+
+
+# reveal(rows, logits, chosen) -> ids [len(rows), L] (read at `chosen` only): charges or codes the
+# chosen tokens from their logits and says what they are
+Reveal = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_planned(model, x: torch.Tensor, scored: torch.Tensor, schedule: Schedule, order: str,
+                eps: float, tokens: Tokens, reveal: Reveal) -> list[int]:
+    """Decode rows x [B, L] (MASK at every scored position) in place; returns forwards per row.
+
+    Pass k runs the network on the rows whose schedule has a k-th pass, chooses their positions and
+    asks `reveal` for the tokens there. Everything the choice depends on is in x before the reveal.
+    """
+    check_order(order)
+    counts = [schedule.counts(int(n)) for n in scored.sum(1).tolist()]
+    num_passes = max((len(c) for c in counts), default=0)
+    table = torch.zeros(x.size(0), num_passes, dtype=torch.long)
+    for b, c in enumerate(counts):
+        table[b, : len(c)] = torch.tensor(c, dtype=torch.long)
+    scored_count = scored.sum(1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+    for k in range(num_passes):
+        rows = (table[:, k] > 0).nonzero().squeeze(1).to(x.device)
+        x_rows = x[rows]
+        masked = x_rows == tokens.mask
+        with autocast:
+            logits = model(x_rows, pass_sigma(masked, scored_count[rows], eps))
+        logits = suppress_special(logits, tokens)
+        chosen = choose_positions(logits, masked, table[rows.cpu(), k], order)
+        values = reveal(rows, logits, chosen)
+        x[rows] = torch.where(chosen, values.to(x.device), x_rows)
+    if bool((x == tokens.mask).any()):
+        raise AssertionError("a MASK survived the last pass")  # a schedule bug, never data
+    return [len(c) for c in counts]
+
+
+def masked_start(x0: torch.Tensor, scored: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """The first state: every scored position masked, the rest (BOS anchors, PAD) as they are."""
+    return torch.where(scored, torch.full_like(x0, tokens.mask), x0)
+
+
+@torch.no_grad()
+def planned_bits(model, slices: EvalSlices, mode: str, order: str, *, passes: int | None = None,
+                 tokens_per_pass: int | None = None, eps: float, vocab_size: int, batch_rows: int,
+                 device: torch.device) -> np.ndarray:
+    """Exact planned-order code length of each slice in bits, float64 [S].
+
+    The charge -log2 p(x_i | revealed) is taken in float64 from the network's logits at the chosen
+    positions, so a context-free model reproduces its unigram code length to rounding.
+    """
+    schedule, tokens = Schedule(tokens_per_pass, passes), Tokens(vocab_size)
+    bits = np.zeros(len(slices), dtype=np.float64)
+    for start in range(0, len(slices), batch_rows):
+        x0 = torch.from_numpy(slices.tokens[start:start + batch_rows]).to(device)
+        scored = scored_positions(x0, mode, tokens.pad)
+        batch_bits = torch.zeros(x0.size(0), dtype=torch.float64, device=device)
+
+        def charge(rows, logits, chosen):
+            log_p = F.log_softmax(logits[chosen].double(), dim=-1)
+            target = x0[rows][chosen]
+            nll = -log_p.gather(-1, target[:, None]).squeeze(1) / math.log(2)
+            row_of = rows[:, None].expand_as(chosen)[chosen]
+            batch_bits.index_add_(0, row_of, nll)
+            return x0[rows]
+
+        run_planned(model, masked_start(x0, scored, tokens), scored, schedule, order, eps, tokens, charge)
+        bits[start:start + x0.size(0)] = batch_bits.cpu().numpy()
+    return bits
+
+
+def evaluate_planned(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: Config, *, order: str,
+                     passes: int | None = None, tokens_per_pass: int | None = None, num_seqs: int,
+                     modes: tuple[str, ...] = MODES, device: torch.device | None = None) -> dict[str, dict]:
+    """Planned-order bpb of `model` on the first num_seqs val slices (0 = all), per mode.
+
+    Same slices, bytes and distributed split as evaluate.evaluate: rank r takes slices r, r + world,
+    ...; bits, tokens, bytes and network evaluations are summed over ranks in float64.
+    """
+    schedule = Schedule(tokens_per_pass, passes)
+    check_order(order)
+    device = device or next(model.parameters()).device
+    rank, world = rank_and_world()
+    was_training = model.training
+    model.eval()
+    slices = make_slices(val_tokens, cfg.seq_len, num_seqs, byte_table, cfg.pad_id)
+    mine = slices.subset(np.arange(rank, len(slices), world))
+    results = {}
+    for mode in modes:
+        began = time.perf_counter()
+        bits = planned_bits(model, mine, mode, order, passes=passes, tokens_per_pass=tokens_per_pass,
+                            eps=cfg.noise_eps, vocab_size=cfg.vocab_size, batch_rows=cfg.eval_batch_rows,
+                            device=device)
+        scored = scored_positions(torch.from_numpy(mine.tokens), mode, cfg.pad_id).sum(1).tolist()
+        evals = sum(len(schedule.counts(n)) for n in scored)
+        totals = torch.tensor([bits.sum(), sum(scored), mine.token_bytes.sum(), evals], dtype=torch.float64,
+                              device=device if dist_backend_needs_device() else "cpu")
+        total_bits, num_tokens, num_bytes, network_evals = all_reduce_sum(totals).tolist()
+        seconds = time.perf_counter() - began
+        results[mode] = summarize(
+            total_bits, int(num_tokens), int(num_bytes),
+            method="planned", mode=mode, order=order,
+            bound=f"exact code length (planned-order decoding: {order}, {schedule.describe()}, "
+                  f"each pass coded with the product of the model's marginals)",
+            passes=network_evals / max(1, len(slices)), passes_requested=passes,
+            tokens_per_pass=tokens_per_pass, network_evals=int(network_evals),
+            num_seqs=len(slices), seq_len=cfg.seq_len, noise_eps=cfg.noise_eps,
+            eval_seconds=seconds, world_size=world,
+            seconds_per_slice_per_process=seconds * world / max(1, len(slices)),
+        )
+    model.train(was_training)
+    return results
+
+
+def format_planned_result(r: dict) -> str:
+    """One line that says what the number is: exact code length, order, passes, tokens."""
+    return (f"{r['mode']:8s} bpb {r['bpb']:.4f} ({r['bits_per_token']:.4f} bits/token, exact planned-order "
+            f"code length, {r['order']}, {r['passes']:g} network evals/slice, {r['num_seqs']} slices x "
+            f"{r['seq_len']} = {r['tokens']:,} scored tokens, {r['bytes']:,} bytes, "
+            f"{r['bytes_per_token']:.3f} bytes/token; legacy /4.3 shortcut {r['bpb_legacy_4p3']:.4f})")
