@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .config import PRESETS, build_config, field_types, write_text_atomic
+from .diffusion import GRIDS
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         cfg.eval_batch_rows = args.batch_rows
     modes = MODES if args.mode == "both" else (args.mode,)
     results = evaluate(model, val, byte_table, cfg, steps=args.elbo_steps, num_seqs=args.num_seqs,
-                       seed=args.seed, modes=modes, device=env.device)
+                       seed=args.seed, modes=modes, draws=args.draws, grid=args.grid, device=env.device)
     if not env.is_main:
         return
     for r in results.values():
@@ -103,6 +104,35 @@ def cmd_download(args: argparse.Namespace) -> None:
     tokenizer = next((p for p in paths if p.parent.name == "tokenizers" and p.suffix == ".model"), None)
     print(f"{len(paths)} files under {out}; train with --data {out / 'datasets' / f'fineweb10B_{args.variant}'}"
           + (f" --tokenizer {tokenizer}" if tokenizer else ""))
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .data import load_tokenizer
+    from .sampling import decode_rows, generate
+    from .train import pick_device
+
+    device = pick_device()
+    if args.artifact:
+        from .artifact import load_artifact
+
+        model, cfg, meta = load_artifact(Path(args.artifact), device)
+    else:
+        from .checkpoint import load_model, run_checkpoint
+
+        model, cfg, meta = load_model(run_checkpoint(Path(args.run)), device)
+    tokenizer = args.tokenizer or meta.get("tokenizer")
+    if not tokenizer:
+        raise ValueError("the model records no tokenizer; pass --tokenizer MODEL")
+    sp = load_tokenizer(Path(tokenizer))
+    result = generate(model, cfg, num=args.num, length=args.length, steps=args.steps, sampler=args.sampler,
+                      prompt_ids=sp.encode(args.prompt) if args.prompt else None,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=device)
+    for i, (row, text) in enumerate(zip(result.rows, decode_rows(sp, result.rows))):
+        print(f"--- sample {i} ({len(row) - 1} tokens)")
+        print(text)
+    print(f"--- {result.generated_tokens} tokens generated in {result.elapsed:.2f}s: "
+          f"{result.tokens_per_s:,.1f} tokens/s | {result.nfe} network evaluations for {args.steps} steps "
+          f"(per sample {result.row_nfe}) | {result.positions:,} positions | {args.sampler} on {device}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-seqs", type=int, default=500, help="val slices to evaluate; 0 = the whole split")
     p.add_argument("--mode", choices=("strict", "anchored", "both"), default="both")
     p.add_argument("--seed", type=int, default=0, help="seeds the mask draws")
+    p.add_argument("--draws", type=int, default=1,
+                   help="independent mask draws per slice: reports their mean and standard error")
+    p.add_argument("--grid", choices=GRIDS, default="linear", help="time grid of the T steps")
     p.add_argument("--batch-rows", type=int, default=None, help="(slice, step) rows per forward")
     p.add_argument("--json", help="write the results as JSON here")
     p.set_defaults(func=cmd_eval)
@@ -161,6 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_run", help="folder for the demo's data and run")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("sample", help="generate text from a trained run or an exported artifact")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run folder (holds model.pt)")
+    source.add_argument("--artifact", help="compressed artifact written by export")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the one the model trained with)")
+    p.add_argument("--prompt", default=None, help="text every sample continues (kept verbatim after BOS)")
+    p.add_argument("--length", type=int, default=256, help="tokens per sample, BOS included (<= seq_len)")
+    p.add_argument("--steps", type=int, default=128, help="denoising steps T on the training schedule")
+    p.add_argument("--sampler", choices=("ancestral", "cached", "confidence"), default="ancestral",
+                   help="ancestral: network every step; cached: same samples, network only at steps "
+                        "that reveal a token; confidence: reveal the most probable positions first")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering; a tiny value is greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=1, help="samples, generated as one batch")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 

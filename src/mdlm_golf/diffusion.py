@@ -201,17 +201,32 @@ class Objective(torch.nn.Module):
 
 # ---------------------------------------------------------------- discrete-time ELBO
 
-def elbo_grid(steps: int, eps: float) -> torch.Tensor:
-    """alpha_k on the uniform time grid t_k = k / T, k = 0..T (float64)."""
-    return alpha(torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64), eps)
+GRIDS = ("linear", "cosine", "geometric")
 
 
-def reveal_weights(steps: int, eps: float) -> torch.Tensor:
+def elbo_grid(steps: int, eps: float, grid: str = "linear") -> torch.Tensor:
+    """alpha_k, k = 0..T, from alpha_0 = 1 to alpha_T = eps (float64). Any monotone grid gives a valid bound.
+
+    linear     uniform in t; for the log-linear schedule that is also uniform in alpha
+    cosine     alpha = eps + (1 - eps) cos(pi/2 u): fine steps while few tokens are masked
+    geometric  alpha = eps ** u, uniform in sigma = -log alpha: fine steps while few are visible
+    """
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    if grid == "linear":
+        return alpha(u, eps)
+    if grid == "cosine":
+        return (eps + (1.0 - eps) * torch.cos(0.5 * math.pi * u)).clamp(min=eps)
+    if grid == "geometric":
+        return eps ** u
+    raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+
+
+def reveal_weights(steps: int, eps: float, grid: str = "linear") -> torch.Tensor:
     """(alpha_{k-1} - alpha_k) / (1 - alpha_k) for k = 1..T: the chance a masked token is revealed at step k."""
-    a = elbo_grid(steps, eps)
+    a = elbo_grid(steps, eps, grid)
     return (a[:-1] - a[1:]) / (1.0 - a[1:])
 
 
-def terminal_bits(steps: int, eps: float, vocab_size: int) -> float:
+def terminal_bits(steps: int, eps: float, vocab_size: int, grid: str = "linear") -> float:
     """Bits per scored token for what is still visible at t = 1, coded uniformly: alpha_T log2 V."""
-    return float(elbo_grid(steps, eps)[-1]) * math.log2(vocab_size)
+    return float(elbo_grid(steps, eps, grid)[-1]) * math.log2(vocab_size)

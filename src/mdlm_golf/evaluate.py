@@ -16,7 +16,7 @@ import torch
 
 from .config import BOS_ID, Config
 from .data import ByteTable
-from .diffusion import Tokens, elbo_grid, masked_nll, reveal_weights, sigma, terminal_bits
+from .diffusion import Tokens, elbo_grid, masked_nll, reveal_weights, terminal_bits
 from .dist import all_reduce_sum, dist_backend_needs_device, rank_and_world
 
 MODES = ("strict", "anchored")
@@ -58,20 +58,25 @@ def scored_positions(tokens: torch.Tensor, mode: str, pad_id: int) -> torch.Tens
     return scored & (tokens != BOS_ID) if mode == "anchored" else scored
 
 
-def slice_mask_draws(slice_index: int, steps: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Uniform draws [T, L] for one slice; seeded by (seed, slice) so batching never changes them."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + int(slice_index))
+def slice_mask_draws(slice_index: int, steps: int, seq_len: int, seed: int, draw: int = 0) -> torch.Tensor:
+    """Uniform draws [T, L] for one slice; seeded by (seed, slice, draw) so batching never changes them."""
+    key = np.random.SeedSequence([seed, int(slice_index), draw]).generate_state(1, np.uint64)[0]
+    generator = torch.Generator().manual_seed(int(key) & (2**63 - 1))
     return torch.rand(steps, seq_len, generator=generator, dtype=torch.float64)
 
 
 @torch.no_grad()
 def elbo_bits(model, slices: EvalSlices, mode: str, steps: int, eps: float, vocab_size: int,
-              seed: int, batch_rows: int, device: torch.device) -> np.ndarray:
-    """Expected bits of each slice under the T-step ELBO, one mask draw per (slice, step); float64 [S]."""
+              seed: int, batch_rows: int, device: torch.device, *, grid: str = "linear",
+              draw: int = 0) -> np.ndarray:
+    """Expected bits of each slice under the T-step ELBO, one mask draw per (slice, step); float64 [S].
+
+    Rows are (slice, step) pairs batched together; bf16 autocast on CUDA, float64 accumulation.
+    """
     tokens = Tokens(vocab_size)
-    p_mask = 1.0 - elbo_grid(steps, eps)[1:]  # masked fraction at t_1..t_T
-    weights = reveal_weights(steps, eps)
-    sigmas = sigma(torch.linspace(0, 1, steps + 1, dtype=torch.float64)[1:], eps).float()
+    alphas = elbo_grid(steps, eps, grid)[1:]  # alpha at t_1..t_T
+    weights = reveal_weights(steps, eps, grid)
+    sigmas = (-torch.log(alphas)).float()
     jobs = [(s, k) for s in range(len(slices)) for k in range(steps)]
     bits = np.zeros(len(slices), dtype=np.float64)
     draws: dict[int, torch.Tensor] = {}
@@ -79,10 +84,10 @@ def elbo_bits(model, slices: EvalSlices, mode: str, steps: int, eps: float, voca
     for start in range(0, len(jobs), batch_rows):
         rows, steps_k = map(list, zip(*jobs[start:start + batch_rows]))
         for s in set(rows) - set(draws):
-            draws[s] = slice_mask_draws(slices.index[s], steps, slices.tokens.shape[1], seed)
+            draws[s] = slice_mask_draws(slices.index[s], steps, slices.tokens.shape[1], seed, draw)
         x0 = torch.from_numpy(slices.tokens[rows]).to(device)
         u = torch.stack([draws[s][k] for s, k in zip(rows, steps_k)])
-        masked = (u < p_mask[steps_k][:, None]).to(device) & scored_positions(x0, mode, tokens.pad)
+        masked = (u < 1.0 - alphas[steps_k][:, None]).to(device) & scored_positions(x0, mode, tokens.pad)
         x_t = torch.where(masked, torch.full_like(x0, tokens.mask), x0)
         with autocast:
             logits = model(x_t, sigmas[steps_k].to(device))
@@ -109,37 +114,45 @@ def summarize(bits: float, tokens: int, num_bytes: int, **fields) -> dict:
 
 
 def evaluate(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: Config, *, steps: int,
-             num_seqs: int, seed: int, modes: tuple[str, ...] = MODES,
-             device: torch.device | None = None) -> dict[str, dict]:
+             num_seqs: int, seed: int, modes: tuple[str, ...] = MODES, draws: int = 1,
+             grid: str = "linear", device: torch.device | None = None) -> dict[str, dict]:
     """Strict and anchored ELBO bpb of `model` on the first num_seqs val slices (0 = all).
 
-    Under torchrun each rank takes slices rank, rank + world, ... and bits, tokens and bytes are
-    summed over ranks in float64: the figure equals the single-process one (masks are per slice).
+    With draws = K > 1 each slice gets K independent mask draws: bpb is their mean, bpb_stderr its
+    standard error (how much of a difference between two models is mask noise). Under torchrun
+    each rank takes slices rank, rank + world, ... and bits, tokens and bytes are summed over ranks
+    in float64: the figure equals the single-process one (masks are seeded per slice).
     """
     device = device or next(model.parameters()).device
     rank, world = rank_and_world()
     was_training = model.training
     model.eval()
+    forward = torch.compile(model) if cfg.compile else model
     slices = make_slices(val_tokens, cfg.seq_len, num_seqs, byte_table, cfg.pad_id)
     mine = slices.subset(np.arange(rank, len(slices), world))
+    reduce_device = device if dist_backend_needs_device() else "cpu"
     results = {}
     for mode in modes:
         began = time.perf_counter()
-        bits = elbo_bits(model, mine, mode, steps, cfg.noise_eps, cfg.vocab_size, seed,
-                         cfg.eval_batch_rows, device)
+        bits = [elbo_bits(forward, mine, mode, steps, cfg.noise_eps, cfg.vocab_size, seed,
+                          cfg.eval_batch_rows, device, grid=grid, draw=d).sum() for d in range(draws)]
         scored = scored_positions(torch.from_numpy(mine.tokens), mode, cfg.pad_id).sum().item()
-        totals = torch.tensor([bits.sum(), scored, mine.token_bytes.sum()], dtype=torch.float64,
-                              device=device if dist_backend_needs_device() else "cpu")
-        total_bits, num_tokens, num_bytes = all_reduce_sum(totals).tolist()
+        totals = torch.tensor([*bits, scored, mine.token_bytes.sum()], dtype=torch.float64,
+                              device=reduce_device)
+        *draw_bits, num_tokens, num_bytes = all_reduce_sum(totals).tolist()
         seconds = time.perf_counter() - began
-        total_bits += terminal_bits(steps, cfg.noise_eps, cfg.vocab_size) * num_tokens
+        terminal = terminal_bits(steps, cfg.noise_eps, cfg.vocab_size, grid) * num_tokens
+        draw_bpb = np.array([(b + terminal) / num_bytes for b in draw_bits])
         results[mode] = summarize(
-            total_bits, int(num_tokens), int(num_bytes),
+            float(np.mean(draw_bits)) + terminal, int(num_tokens), int(num_bytes),
             method="elbo", mode=mode,
-            bound=f"upper bound: {steps}-step discrete-time absorbing-mask ELBO, one mask draw per step",
-            elbo_steps=steps, num_seqs=len(slices), seq_len=cfg.seq_len, noise_eps=cfg.noise_eps,
+            bound=f"upper bound: {steps}-step discrete-time absorbing-mask ELBO ({grid} grid), "
+                  f"mean of {draws} mask draw(s) per slice",
+            elbo_steps=steps, grid=grid, draws=draws,
+            bpb_stderr=float(draw_bpb.std(ddof=1) / math.sqrt(draws)) if draws > 1 else None,
+            num_seqs=len(slices), seq_len=cfg.seq_len, noise_eps=cfg.noise_eps,
             seed=seed, eval_seconds=seconds, world_size=world,
-            seconds_per_slice_per_process=seconds * world / max(1, len(slices)),
+            seconds_per_slice_per_process=seconds * world / max(1, len(slices)) / draws,
         )
     model.train(was_training)
     return results
@@ -153,7 +166,8 @@ def projected_seconds(result: dict, total_tokens: int, processes: int = 8) -> fl
 
 def format_result(r: dict) -> str:
     """One line that says what the number is: bound, steps, tokens."""
-    return (f"{r['mode']:8s} bpb {r['bpb']:.4f} ({r['bits_per_token']:.4f} bits/token, "
+    spread = f" ± {r['bpb_stderr']:.4f} (s.e., {r['draws']} draws)" if r.get("bpb_stderr") else ""
+    return (f"{r['mode']:8s} bpb {r['bpb']:.4f}{spread} ({r['bits_per_token']:.4f} bits/token, "
             f"{r['elbo_steps']}-step ELBO upper bound, {r['num_seqs']} slices x {r['seq_len']} = "
             f"{r['tokens']:,} scored tokens, {r['bytes']:,} bytes, {r['bytes_per_token']:.3f} bytes/token; "
             f"legacy /4.3 shortcut {r['bpb_legacy_4p3']:.4f})")
