@@ -1,0 +1,76 @@
+"""The generated single-file train_mdlm.py runs standalone and agrees with the package's own evaluation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mdlm_golf.artifact import load_artifact
+from mdlm_golf.data import ByteTable, load_split, load_tokenizer
+from mdlm_golf.evaluate import evaluate
+from mdlm_golf.submission import SCRIPT_NAME, build_script, write_submission
+
+
+@pytest.fixture(scope="module")
+def script_run(tmp_path_factory, prepared_data, shared_tokenizer_path):
+    """Run the generated script on tiny settings in a folder of its own, as a record machine would."""
+    root = tmp_path_factory.mktemp("record")
+    script = root / SCRIPT_NAME
+    script.write_text(build_script())
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(PRESET="tiny", STEPS="15", EVAL_NUM_SEQS="3", ELBO_STEPS="4", QUANT="int8",
+               DATA_PATH=str(prepared_data), TOKENIZER_PATH=str(shared_tokenizer_path),
+               RUN_DIR=str(root / "run"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-I", str(script)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return root, proc.stdout
+
+
+def test_script_is_standalone():
+    script = build_script()
+    imports = [line for line in script.splitlines() if line.startswith(("import ", "from "))]
+    roots = {line.split()[1].split(".")[0] for line in imports}
+    assert roots <= {"__future__", "dataclasses", "json", "math", "os", "pathlib", "typing", "numpy",
+                     "torch", "glob", "hashlib", "threading", "time", "concurrent", "pickle", "zipfile",
+                     "platform", "signal", "subprocess", "sys", "contextlib", "lzma", "struct", "zlib"}
+    assert "mdlm_golf" not in "\n".join(imports)
+
+
+def test_script_trains_and_reports_the_package_figure(script_run, prepared_data, shared_tokenizer_path):
+    root, stdout = script_run
+    run = root / "run"
+    assert "step 15/15" in (run / "train.log").read_text()
+    reported = json.loads((run / "eval_artifact.json").read_text())
+    assert "final_artifact strict" in stdout
+
+    model, cfg, _ = load_artifact(run / "final_model.mdlm")
+    byte_table = ByteTable.from_tokenizer(load_tokenizer(shared_tokenizer_path), cfg.vocab_size)
+    ours = evaluate(model, load_split(prepared_data, "val", cfg.vocab_size), byte_table, cfg,
+                    steps=cfg.elbo_steps, num_seqs=cfg.eval_num_seqs, seed=cfg.seed)
+    for mode in ("strict", "anchored"):
+        assert ours[mode]["bpb"] == pytest.approx(reported[mode]["bpb"], rel=1e-9)
+        assert ours[mode]["bytes"] == reported[mode]["bytes"] and ours[mode]["tokens"] == reported[mode]["tokens"]
+
+
+def test_record_folder(script_run, tmp_path):
+    root, _ = script_run
+    run = root / "run"
+    results = json.loads((run / "eval_artifact.json").read_text())
+    info = write_submission(run, run / "final_model.mdlm", tmp_path / "records" / "2026-11-26_tiny",
+                            name="tiny MDLM", github_id="someone", eval_results=results,
+                            size_report={"spec": "int8", "compressor": "lzma"}, hardware="CPU (test)",
+                            seeds=[1337])
+    out = tmp_path / "records" / "2026-11-26_tiny"
+    saved = json.loads((out / "submission.json").read_text())
+    assert saved == info
+    assert saved["bytes_code"] == (out / SCRIPT_NAME).stat().st_size
+    assert saved["bytes_model"] == (run / "final_model.mdlm").stat().st_size
+    assert saved["bytes_total"] == saved["bytes_code"] + saved["bytes_model"]
+    assert saved["val_bpb"] == results["strict"]["bpb"] and "upper bound" in saved["metric"]
+    readme = (out / "README.md").read_text()
+    assert f"{results['strict']['bpb']:.4f}" in readme and "strict" in readme
+    assert (out / "train.log").read_text() == (run / "train.log").read_text()
