@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .config import PRESETS, build_config, field_types, write_text_atomic
 from .diffusion import GRIDS
+from .planned import ORDERS
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,16 +78,86 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.batch_rows:
         cfg.eval_batch_rows = args.batch_rows
     modes = MODES if args.mode == "both" else (args.mode,)
-    results = evaluate(model, val, byte_table, cfg, steps=args.elbo_steps, num_seqs=args.num_seqs,
-                       seed=args.seed, modes=modes, draws=args.draws, grid=args.grid, device=env.device)
+    if args.method == "planned":
+        from .planned import evaluate_planned, format_planned_result
+
+        results = evaluate_planned(model, val, byte_table, cfg, order=args.order,
+                                   **planned_schedule(args, DEFAULT_EVAL_PASSES), num_seqs=args.num_seqs,
+                                   modes=modes, device=env.device)
+        describe = format_planned_result
+    else:
+        results = evaluate(model, val, byte_table, cfg, steps=args.elbo_steps, num_seqs=args.num_seqs,
+                           seed=args.seed, modes=modes, draws=args.draws, grid=args.grid, device=env.device)
+        describe = format_result
     if not env.is_main:
         return
     for r in results.values():
-        print(format_result(r))
+        print(describe(r))
         print(f"         {r['eval_seconds']:.1f}s on {r['world_size']} process(es); the whole split "
               f"({val.size:,} tokens) would take ~{projected_seconds(r, val.size):.0f}s on 8 such devices")
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(results, indent=2) + "\n")
+
+
+DEFAULT_EVAL_PASSES = 128
+DEFAULT_CODER_PASSES = 64
+
+
+def planned_schedule(args: argparse.Namespace, default_passes: int) -> dict:
+    """--tokens-per-pass m or --passes P (default P) as evaluate_planned / compress_file keywords."""
+    if args.tokens_per_pass is not None:
+        return {"tokens_per_pass": args.tokens_per_pass}
+    return {"passes": args.passes if args.passes is not None else default_passes}
+
+
+def add_planned_flags(p: argparse.ArgumentParser, default_passes: int) -> None:
+    p.add_argument("--order", choices=ORDERS, default="confidence",
+                   help="which masked positions each pass reveals: the leftmost, or those the model is "
+                        "surest of (highest probability, or largest top1-top2 margin)")
+    schedule = p.add_mutually_exclusive_group()
+    schedule.add_argument("--passes", type=int, default=None,
+                          help=f"network evaluations per slice, spread evenly (default {default_passes}); "
+                               "P = seq_len with left-to-right is the chain rule")
+    schedule.add_argument("--tokens-per-pass", type=int, default=None, help="reveal m tokens per pass instead")
+
+
+def coder_model(args: argparse.Namespace):
+    """The run's model on the CPU (the coder needs bit-identical float32) and its tokenizer."""
+    from .checkpoint import load_model, run_checkpoint
+    from .data import load_tokenizer
+
+    model, cfg, state = load_model(run_checkpoint(Path(args.run)), "cpu")
+    tokenizer = args.tokenizer or state.get("tokenizer")
+    if not tokenizer:
+        raise ValueError(f"{args.run}: the run records no tokenizer; pass --tokenizer MODEL")
+    return model, cfg, load_tokenizer(Path(tokenizer))
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from .coder import compress_file
+
+    model, cfg, sp = coder_model(args)
+    try:
+        text = Path(args.input).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{args.input}: cannot read as UTF-8 text ({e})") from None
+    info = compress_file(model, cfg, sp, text, Path(args.output), order=args.order, mode=args.mode,
+                         **planned_schedule(args, DEFAULT_CODER_PASSES))
+    print(f"{args.input}: {info['text_bytes']:,} bytes, {info['tokens']:,} tokens -> {args.output}: "
+          f"{info['file_bytes']:,} bytes ({8 * info['file_bytes'] / max(1, info['text_bytes']):.4f} bits/byte, "
+          f"header {info['header_bytes']} bytes)")
+    if not info["round_trips"]:
+        print("note: the tokenizer does not rebuild this text exactly (normalization or <unk>); "
+              "decompress returns the text of its tokens")
+
+
+def cmd_decompress(args: argparse.Namespace) -> None:
+    from .coder import decompress_file, write_bytes_atomic
+
+    model, cfg, sp = coder_model(args)
+    text = decompress_file(model, cfg, sp, Path(args.input))
+    write_bytes_atomic(Path(args.output), text.encode("utf-8"))
+    print(f"{args.input} -> {args.output}: {len(text.encode('utf-8')):,} bytes")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -176,7 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", choices=GRIDS, default="linear", help="time grid of the T steps")
     p.add_argument("--batch-rows", type=int, default=None, help="(slice, step) rows per forward")
     p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--method", choices=("elbo", "planned"), default="elbo",
+                   help="elbo: the T-step ELBO upper bound; planned: the exact code length of "
+                        "planned-order decoding (--order, --passes / --tokens-per-pass)")
+    add_planned_flags(p, DEFAULT_EVAL_PASSES)
     p.set_defaults(func=cmd_eval)
+
+    for name, func, helptext in [
+            ("compress", cmd_compress, "compress a UTF-8 text file with a run's model (MDZ1 file)"),
+            ("decompress", cmd_decompress, "rebuild the text of an MDZ1 file with the same run")]:
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--run", required=True, help="run folder (holds model.pt)")
+        p.add_argument("--tokenizer", help="SentencePiece model (default: the one the run trained with)")
+        p.add_argument("input", help="text file" if name == "compress" else "MDZ1 file")
+        p.add_argument("output", help="MDZ1 file to write" if name == "compress" else "text file to write")
+        if name == "compress":
+            add_planned_flags(p, DEFAULT_CODER_PASSES)
+            p.add_argument("--mode", choices=("anchored", "strict"), default="anchored",
+                           help="anchored: BOS positions are given in the header, not coded; strict: all coded")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("download", help="fetch the challenge's published FineWeb shards and tokenizer (HF Hub)")
     p.add_argument("--variant", default="sp1024", help="tokenizer family: dataset fineweb10B_<VARIANT>")

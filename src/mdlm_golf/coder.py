@@ -9,14 +9,16 @@ differently; the token CRC then catches it.
 
 Coder: Witten-Neal-Cleary arithmetic coding, 32-bit low/high, bit output with pending bits.
 Frequencies: freq = floor(p * (TOTAL - V)) + 1 with TOTAL = 2**20, so every token has freq >= 1
-and the total stays far below the coder's minimum range (2**30); the quantization costs
-~V / TOTAL / ln 2 = 0.0014 bits per token, the coder ~2 bits per file.
+and the total stays far below the coder's minimum range (2**30). Against the float code length the
+quantization costs at most ~V / TOTAL / ln 2 = 0.0014 bits per token (and saves bits on tokens the
+model gave p < 2**-20: the +1 is a floor); the coder's end costs ~2 bits plus the last byte.
 
 File (all integers little-endian; "uv" = unsigned LEB128 varint):
   b"MDZ1" | version u8 | flags u8 (1: anchored, 2: text round-trips, text CRC present) | order u8 |
   uv seq_len, tokens_per_pass (0 = by passes), passes (0 = by tokens per pass), batch_rows,
   num_tokens, num_anchors, anchor gaps... | CRC32 of the token ids (uint32 each) u32 |
-  [CRC32 of the UTF-8 text u32] | model fingerprint 8 bytes | CRC32 of the header so far u32 | code
+  [CRC32 of the UTF-8 text u32] | fingerprint of the model (+ tokenizer, for text) 8 bytes |
+  CRC32 of the header so far u32 | code
 Anchored mode gives the BOS positions (the anchors) in the header and codes every other token;
 strict codes every token. Trailing zero bytes of the code are dropped (the decoder reads zeros).
 """
@@ -46,6 +48,7 @@ HALF = 1 << (STATE_BITS - 1)
 QUARTER = 1 << (STATE_BITS - 2)
 TOTAL = 1 << 20  # frequency scale; must stay well below QUARTER
 CODER_MODES = ("strict", "anchored")
+BATCH_ROWS = 16  # slices per forward (recorded in the header: the decoder must batch the same way)
 FLAG_ANCHORED, FLAG_TEXT = 1, 2
 
 
@@ -88,6 +91,8 @@ class ArithmeticEncoder:
 
     def finish(self) -> bytes:
         """Two more bits pick a point inside [low, high] whatever zeros follow; zero bytes dropped."""
+        if (self.low, self.high, self.pending, len(self.bits)) == (0, FULL, 0, 0):
+            return b""  # nothing was coded
         self.pending += 1
         self._emit(0 if self.low < QUARTER else 1)
         return np.packbits(np.frombuffer(bytes(self.bits), dtype=np.uint8)).tobytes().rstrip(b"\0")
@@ -141,12 +146,15 @@ def cumulative_frequencies(logits: torch.Tensor, vocab_size: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- header
 
-def model_fingerprint(model, cfg: Config) -> bytes:
-    """First 8 bytes of sha256 over the float32 weights (names, shapes, values) and vocab/noise_eps."""
+def model_fingerprint(model, cfg: Config, sp=None) -> bytes:
+    """First 8 bytes of sha256 over the float32 weights (names, shapes, values), vocab_size and
+    noise_eps, and for text files the tokenizer (its serialized model), which turns ids into text."""
     h = hashlib.sha256(json.dumps({"vocab_size": cfg.vocab_size, "noise_eps": cfg.noise_eps}).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(f"{name}{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    if sp is not None:
+        h.update(sp.serialized_model_proto())
     return h.digest()[:8]
 
 
@@ -204,7 +212,8 @@ class Header:
     fingerprint: bytes
 
     def encode(self) -> bytes:
-        flags = (FLAG_ANCHORED if self.mode == "anchored" else 0) | (FLAG_TEXT if self.text_crc is not None else 0)
+        flags = ((FLAG_ANCHORED if self.mode == "anchored" else 0)
+                 | (FLAG_TEXT if self.text_crc is not None else 0))
         out = bytearray(MAGIC + bytes([VERSION, flags, ORDERS.index(self.order)]))
         for value in (self.seq_len, self.schedule.tokens_per_pass or 0, self.schedule.passes or 0,
                       self.batch_rows, self.num_tokens, len(self.anchors)):
@@ -291,8 +300,12 @@ def code_slices(model, header: Header, eps: float, tokens: Tokens, reveal_for) -
 
 def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
                     tokens_per_pass: int | None = None, passes: int | None = None,
-                    mode: str = "anchored", batch_rows: int = 8, text_crc: int | None = None) -> bytes:
-    """An MDZ1 byte string coding token_ids slice by slice in planned order (one ids CRC inside)."""
+                    mode: str = "anchored", batch_rows: int = BATCH_ROWS, text_crc: int | None = None,
+                    sp=None) -> bytes:
+    """An MDZ1 byte string coding token_ids slice by slice in planned order (one ids CRC inside).
+
+    text_crc and sp are for text files: the text's CRC32, and the tokenizer to fingerprint with the model.
+    """
     check_order(order)
     if mode not in CODER_MODES:
         raise ValueError(f"mode must be one of {CODER_MODES}, got {mode!r}")
@@ -304,7 +317,7 @@ def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
     tokens = Tokens(cfg.vocab_size)
     anchors = np.flatnonzero(ids == BOS_ID).tolist() if mode == "anchored" else []
     header = Header(mode, order, cfg.seq_len, Schedule(tokens_per_pass, passes), batch_rows, int(ids.size),
-                    anchors, ids_crc(ids), text_crc, model_fingerprint(model, cfg))
+                    anchors, ids_crc(ids), text_crc, model_fingerprint(model, cfg, sp))
     x0, _ = slice_rows(ids.size, cfg.seq_len, tokens, anchors, ids)
     encoder = ArithmeticEncoder()
 
@@ -326,13 +339,15 @@ def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
     return header.encode() + encoder.finish()
 
 
-def decode_stream(model, cfg: Config, data: bytes) -> tuple[Header, np.ndarray]:
+def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.ndarray]:
     """The header and the decoded token ids, checked against the model fingerprint and the ids CRC."""
     header, code = Header.decode(data)
-    if header.fingerprint != model_fingerprint(model, cfg):
-        raise CoderError(f"made with a different model (fingerprint {header.fingerprint.hex()}, "
-                         f"this model {model_fingerprint(model, cfg).hex()})")
-    if header.anchors and (header.anchors[-1] >= header.num_tokens or len(set(header.anchors)) < len(header.anchors)):
+    fingerprint = model_fingerprint(model, cfg, sp)
+    if header.fingerprint != fingerprint:
+        raise CoderError(f"made with a different model{' or tokenizer' if sp is not None else ''} "
+                         f"(fingerprint {header.fingerprint.hex()}, this one {fingerprint.hex()})")
+    anchors = header.anchors
+    if anchors and (anchors[-1] >= header.num_tokens or len(set(anchors)) < len(anchors)):
         raise CoderError("corrupted header (anchor positions)")
     tokens = Tokens(cfg.vocab_size)
     decoder = ArithmeticDecoder(code)
@@ -380,7 +395,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def compress_file(model, cfg: Config, sp, text: str, out_path: Path, *, order: str = "confidence",
                   tokens_per_pass: int | None = None, passes: int | None = None,
-                  mode: str = "anchored", batch_rows: int = 8) -> dict:
+                  mode: str = "anchored", batch_rows: int = BATCH_ROWS) -> dict:
     """Write `text` as an MDZ1 file; returns sizes and whether the tokenizer round-trips it.
 
     A text the tokenizer cannot rebuild (NFKC changes, characters outside the vocabulary) is stored
@@ -390,7 +405,7 @@ def compress_file(model, cfg: Config, sp, text: str, out_path: Path, *, order: s
     round_trips = sp.decode(ids[1:].tolist()) == text
     text_crc = zlib.crc32(text.encode("utf-8")) if round_trips else None
     data = compress_tokens(model, cfg, ids, order=order, tokens_per_pass=tokens_per_pass, passes=passes,
-                           mode=mode, batch_rows=batch_rows, text_crc=text_crc)
+                           mode=mode, batch_rows=batch_rows, text_crc=text_crc, sp=sp)
     write_bytes_atomic(Path(out_path), data)
     header_bytes = len(Header.decode(data)[0].encode())
     return {"tokens": int(ids.size), "text_bytes": len(text.encode("utf-8")), "file_bytes": len(data),
@@ -405,7 +420,7 @@ def decompress_file(model, cfg: Config, sp, path: Path) -> str:
     except OSError as e:
         raise CoderError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header, ids = decode_stream(model, cfg, data)
+        header, ids = decode_stream(model, cfg, data, sp)
         if ids.size == 0 or ids[0] != BOS_ID:
             raise CoderError("not a text file (the token stream does not start with BOS)")
         text = sp.decode(ids[1:].tolist())

@@ -15,7 +15,11 @@ Design choices (the tests check each):
 - Schedule: `tokens_per_pass=m` reveals m per pass (fewer in the last); `passes=P` spreads a slice's
   n scored positions evenly over min(P, n) passes, pass k revealing ceil(nk/P) - ceil(n(k-1)/P).
   A slice whose schedule is done leaves the forward: network evaluations per slice = its passes.
-- Ties in the rule's score go to the leftmost position; nothing is random.
+- Ties go to the leftmost position; nothing is random. Confidence and margin are ranked after
+  rounding to the nearest multiple of 1/1024 (bin edges halfway, so 0 and 1 are bin centres). Raw
+  float scores would let a choice between near-equal scores hang on float rounding, which differs
+  with the batch shape, the device and bf16 (a saturated model scores many positions 1 - ulp); with
+  bins, rounding noise flips a choice only when a score sits within an ulp of a bin edge.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from .dist import all_reduce_sum, dist_backend_needs_device, rank_and_world
 from .evaluate import MODES, EvalSlices, make_slices, scored_positions, summarize
 
 ORDERS = ("left-to-right", "confidence", "margin")
+SCORE_BINS = 1024  # confidence and margin are ranked in steps of 1/1024, ties to the leftmost
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Schedule:
         if int(value) != value or value < 1:
             name = "tokens_per_pass" if self.passes is None else "passes"
             raise ValueError(f"{name} must be a whole number >= 1, got {value}")
+        object.__setattr__(self, "passes" if self.tokens_per_pass is None else "tokens_per_pass", int(value))
 
     def counts(self, n: int) -> list[int]:
         """Positions revealed by each pass of a slice with n scored positions (sum = n, each >= 1)."""
@@ -98,6 +104,7 @@ def choose_positions(logits: torch.Tensor, masked: torch.Tensor, counts: torch.T
         score = torch.exp(top[..., 0] - lse)
         if order == "margin":
             score = score - torch.exp(top[..., 1] - lse)
+        score = torch.round(score * SCORE_BINS)  # rounding noise flips a choice only at a bin edge
     key = (-score).masked_fill(~masked, float("inf"))
     ranked = torch.argsort(key, dim=1, stable=True)
     rank = torch.empty_like(ranked).scatter_(1, ranked, position.expand(batch, length).contiguous())
