@@ -50,10 +50,11 @@ def elbo_weight(t: torch.Tensor, eps: float) -> torch.Tensor:
     return (1.0 - eps) / (1.0 - alpha(t, eps)).clamp(min=1e-12)
 
 
-def antithetic_times(n: int, generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
-    """n times in [0, 1) drawn as pairs (u, 1 - u): halves the variance of the t integral."""
-    u = torch.rand((n + 1) // 2, generator=generator)
-    return torch.cat([u, 1.0 - u])[:n].to(device)
+def antithetic_times(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n times in [0, 1) drawn as pairs (u, 1 - u), on the generator's device: halves the variance
+    of the t integral."""
+    u = torch.rand((n + 1) // 2, generator=generator, device=generator.device)
+    return torch.cat([u, 1.0 - u])[:n]
 
 
 # ---------------------------------------------------------------- masking
@@ -79,14 +80,12 @@ class Noise:
     def rows(self, index: torch.Tensor | slice) -> "Noise":
         return Noise(self.t[index], self.mask_u[index], self.anchor_u[index])
 
-    def to(self, device: torch.device) -> "Noise":
-        return Noise(self.t.to(device), self.mask_u.to(device), self.anchor_u.to(device))
-
 
 def draw_noise(rows: int, seq_len: int, generator: torch.Generator) -> Noise:
-    t = antithetic_times(rows, generator)
-    return Noise(t, torch.rand(rows, seq_len, generator=generator),
-                 torch.rand(rows, seq_len, generator=generator))
+    """All draws of a batch, on the generator's device (a CUDA generator keeps the GPU from waiting)."""
+    device = generator.device
+    return Noise(antithetic_times(rows, generator), torch.rand(rows, seq_len, generator=generator, device=device),
+                 torch.rand(rows, seq_len, generator=generator, device=device))
 
 
 def maskable_positions(x0: torch.Tensor, layout: str, pad_id: int, anchor_mask_prob: float = 0.0,

@@ -1,9 +1,10 @@
-"""torchrun environment, rank-0 printing and all-reduce helpers; single-process runs need none of it."""
+"""torchrun environment, device placement and all-reduce helpers; single-process runs need none of it."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,6 +31,8 @@ def init_distributed(device: torch.device | None = None) -> DistEnv:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)  # set_device and DDP need an index
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
@@ -64,3 +67,11 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device without blocking the host (through pinned memory on CUDA)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor

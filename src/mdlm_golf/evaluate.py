@@ -17,7 +17,7 @@ import torch
 from .config import BOS_ID, Config
 from .data import ByteTable
 from .diffusion import Tokens, elbo_grid, masked_nll, reveal_weights, terminal_bits
-from .dist import all_reduce_sum, dist_backend_needs_device, rank_and_world
+from .dist import all_reduce_sum, dist_backend_needs_device, rank_and_world, to_device
 
 MODES = ("strict", "anchored")
 LEGACY_BYTES_PER_TOKEN = 4.3  # the constant an earlier published diffusion result divided by
@@ -78,25 +78,26 @@ def elbo_bits(model, slices: EvalSlices, mode: str, steps: int, eps: float, voca
     weights = reveal_weights(steps, eps, grid)
     sigmas = (-torch.log(alphas)).float()
     jobs = [(s, k) for s in range(len(slices)) for k in range(steps)]
-    bits = np.zeros(len(slices), dtype=np.float64)
+    bits = torch.zeros(len(slices), dtype=torch.float64, device=device)  # read once, at the end
     draws: dict[int, torch.Tensor] = {}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for start in range(0, len(jobs), batch_rows):
         rows, steps_k = map(list, zip(*jobs[start:start + batch_rows]))
         for s in set(rows) - set(draws):
             draws[s] = slice_mask_draws(slices.index[s], steps, slices.tokens.shape[1], seed, draw)
-        x0 = torch.from_numpy(slices.tokens[rows]).to(device)
+        x0 = to_device(slices.tokens[rows], device)
         u = torch.stack([draws[s][k] for s, k in zip(rows, steps_k)])
-        masked = (u < 1.0 - alphas[steps_k][:, None]).to(device) & scored_positions(x0, mode, tokens.pad)
+        below = (u < 1.0 - alphas[steps_k][:, None]).numpy()
+        masked = to_device(below, device) & scored_positions(x0, mode, tokens.pad)
         x_t = torch.where(masked, torch.full_like(x0, tokens.mask), x0)
         with autocast:
-            logits = model(x_t, sigmas[steps_k].to(device))
+            logits = model(x_t, to_device(sigmas[steps_k].numpy(), device))
         nll = masked_nll(logits, x0, tokens).double() / math.log(2)
-        row_bits = (nll * masked).sum(-1) * weights[steps_k].to(device)
-        np.add.at(bits, rows, row_bits.cpu().numpy())
+        row_bits = (nll * masked).sum(-1) * to_device(weights[steps_k].numpy(), device)
+        bits.index_add_(0, to_device(np.asarray(rows), device), row_bits)
         for s in [s for s in draws if s < rows[-1]]:
             del draws[s]  # jobs run slice by slice, so earlier slices are finished
-    return bits
+    return bits.cpu().numpy()
 
 
 def summarize(bits: float, tokens: int, num_bytes: int, **fields) -> dict:

@@ -67,13 +67,14 @@ def document_mask(doc_ids: torch.Tensor | None, use_flex: bool) -> AttentionMask
     """Attention only between positions of the same document: block-diagonal, never wasted on PAD.
 
     With FlexAttention (CUDA) fully masked blocks are skipped, so packed rows cost what their
-    documents cost; the SDPA fallback (CPU) materializes the [B, 1, L, L] boolean mask.
+    documents cost; the SDPA fallback (CPU) materializes the [B, 1, L, L] boolean mask and lets
+    PAD attend to PAD (an all-masked row would give NaN there; PAD outputs are never scored).
     """
     if doc_ids is None:
         return None
     if use_flex and BlockMask is not None:
-        def same_document(b, h, q_idx, kv_idx):
-            return doc_ids[b, q_idx] == doc_ids[b, kv_idx]
+        def same_document(b, h, q_idx, kv_idx):  # PAD (-1) attends nowhere: its blocks are skipped
+            return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (doc_ids[b, kv_idx] >= 0)
 
         batch, length = doc_ids.shape
         return create_block_mask(same_document, batch, None, length, length, device=doc_ids.device)

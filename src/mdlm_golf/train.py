@@ -21,7 +21,7 @@ from .checkpoint import CheckpointError, read_checkpoint, run_checkpoint, save_c
 from .config import BOS_ID, Config, config_from_dict, write_text_atomic
 from .data import ByteTable, load_split, load_tokenizer, shard_paths
 from .diffusion import Noise, Objective, Tokens, draw_noise, maskable_positions
-from .dist import DistEnv, all_reduce_sum, barrier, dist_backend_needs_device, init_distributed
+from .dist import DistEnv, all_reduce_sum, barrier, dist_backend_needs_device, init_distributed, to_device
 from .evaluate import evaluate, format_result
 from .loader import ShardedLoader
 from .model import MDLM
@@ -133,11 +133,11 @@ def global_row_ids(micro: int, rows: int, rank: int, world_size: int) -> torch.T
     return micro * rows * world_size + rank + world_size * torch.arange(rows)
 
 
-def step_noise(cfg: Config, step: int, world_size: int) -> Noise:
-    """All noise of one optimizer step, drawn for the global batch from a (seed, step) generator:
-    every split of the batch over ranks and micro-steps sees the same draws, and resuming needs
-    no generator state."""
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+def step_noise(cfg: Config, step: int, world_size: int, device: torch.device) -> Noise:
+    """All noise of one optimizer step, drawn for the global batch from a (seed, step) generator on
+    the training device: every split of the batch over ranks and micro-steps sees the same draws,
+    resuming needs no generator state, and the GPU never waits for a host-to-device copy."""
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
     return draw_noise(cfg.batch_rows * cfg.grad_accum * world_size, cfg.seq_len, generator)
 
 
@@ -311,10 +311,9 @@ def train_step(objective: torch.nn.Module, model: MDLM, optimizer: torch.optim.O
     """One optimizer step over grad_accum micro-batches; returns the step's loss share of this rank
     (a device tensor: reading it is left to the log steps)."""
     device, pad_id = env.device, cfg.pad_id
-    noise = step_noise(cfg, step, env.world_size)
-    batches = [torch.from_numpy(loader.next_rows(cfg.batch_rows)).to(device, non_blocking=True)
-               for _ in range(cfg.grad_accum)]
-    noises = [noise.rows(global_row_ids(m, cfg.batch_rows, env.rank, env.world_size)).to(device)
+    noise = step_noise(cfg, step, env.world_size, device)
+    batches = [to_device(loader.next_rows(cfg.batch_rows), device) for _ in range(cfg.grad_accum)]
+    noises = [noise.rows(global_row_ids(m, cfg.batch_rows, env.rank, env.world_size).to(device))
               for m in range(cfg.grad_accum)]
     # normalize by the scored tokens of the whole global batch, so any split gives one loss
     scored = sum(maskable_positions(x0, cfg.layout, pad_id, cfg.anchor_mask_prob, n.anchor_u).sum()
@@ -340,7 +339,7 @@ def warm_up(objective: torch.nn.Module, model: MDLM, cfg: Config, env: DistEnv, 
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randint(2, cfg.vocab_size, (cfg.batch_rows, cfg.seq_len), generator=generator)
     x0[:, 0] = BOS_ID
-    noise = draw_noise(cfg.batch_rows, cfg.seq_len, generator).to(env.device)
+    noise = draw_noise(cfg.batch_rows, cfg.seq_len, torch.Generator(env.device).manual_seed(0))
     with autocast:
         weighted_sum, _ = objective(x0.to(env.device), noise.t, noise.mask_u, noise.anchor_u)
     weighted_sum.backward()
