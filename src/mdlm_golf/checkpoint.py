@@ -1,7 +1,6 @@
 """Saving and loading model checkpoints atomically, with one-line errors for bad files."""
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, config_from_dict
+from .files import atomic_path
 from .model import MDLM
 
 FORMAT = "mdlm-golf-checkpoint-v1"
@@ -22,9 +22,8 @@ def save_checkpoint(path: Path, model: MDLM, cfg: Config, **extra) -> None:
     """torch.save to a temporary file, then rename: a crash mid-write keeps the previous file."""
     path = Path(path)
     state = {"format": FORMAT, "config": cfg.to_dict(), "model": model.state_dict(), **extra}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def read_checkpoint(path: Path) -> dict:

@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRESETS, build_config, field_types, write_text_atomic
+from .config import PRESETS, build_config, field_types
+from .files import write_text_atomic
 from .diffusion import GRIDS
 from .planned import ORDERS
 
@@ -152,7 +153,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_decompress(args: argparse.Namespace) -> None:
-    from .coder import decompress_file, write_bytes_atomic
+    from .coder import decompress_file
+    from .files import write_bytes_atomic
 
     model, cfg, sp = coder_model(args)
     text = decompress_file(model, cfg, sp, Path(args.input))
@@ -306,10 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DataError
 
+    from .dist import shutdown
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
         print(f"mdlm-golf {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()  # leave the torchrun process group cleanly, or a rank can abort at exit
     return 0

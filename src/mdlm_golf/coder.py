@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import zlib
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ import torch
 
 from .config import BOS_ID, Config
 from .diffusion import Tokens
+from .files import write_bytes_atomic
 from .planned import ORDERS, Schedule, check_order, masked_start, run_planned
 
 MAGIC = b"MDZ1"
@@ -384,13 +384,6 @@ def decompress_tokens(model, cfg: Config, payload: bytes) -> np.ndarray:
 def text_tokens(sp, text: str) -> np.ndarray:
     """The text as one document: [BOS] + its ids."""
     return np.asarray([BOS_ID, *sp.encode(text)], dtype=np.int64)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def compress_file(model, cfg: Config, sp, text: str, out_path: Path, *, order: str = "confidence",

@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .files import write_text_atomic
+
 BOS_ID = 1  # every document of the challenge's shards starts with it
 # docs: one document (window) per row, PAD after it; packed: contiguous stream windows holding several
 # documents, attention kept inside each; stream: contiguous windows, boundaries maskable like any token
@@ -174,11 +176,3 @@ def config_from_dict(values: Mapping[str, Any], source: str) -> Config:
     if unknown:
         raise ValueError(f"{source}: unknown config fields {unknown}")
     return Config(**dict(values))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write next to the target, then rename: a crash leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -9,7 +9,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .config import BOS_ID, write_text_atomic
+from .config import BOS_ID
+from .files import atomic_path, write_text_atomic
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -30,12 +31,9 @@ def write_shard(path: Path, tokens: np.ndarray) -> None:
         raise DataError(f"{path}: tokens do not fit in uint16")
     header = np.zeros(HEADER_WORDS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header.tobytes())
         f.write(tokens.astype("<u2", copy=False).tobytes())
-    os.replace(tmp, path)
 
 
 def read_shard_header(path: Path) -> int:

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .config import build_config, write_text_atomic
+from .config import build_config
+from .files import write_text_atomic
 from .data import prepare
 from .train import train
 

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .config import write_text_atomic
+from .files import write_text_atomic
 
 PACKAGE = Path(__file__).resolve().parent
 # the modules the standalone script needs, in dependency order (no CLI, no download, no demo)

@@ -18,7 +18,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import CheckpointError, read_checkpoint, run_checkpoint, save_checkpoint
-from .config import BOS_ID, Config, config_from_dict, write_text_atomic
+from .config import BOS_ID, Config, config_from_dict
+from .files import write_text_atomic
 from .data import ByteTable, load_split, load_tokenizer, shard_paths
 from .diffusion import Noise, Objective, Tokens, draw_noise, maskable_positions
 from .dist import DistEnv, all_reduce_sum, barrier, dist_backend_needs_device, init_distributed, to_device
@@ -65,6 +66,14 @@ def git_revision() -> str:
         return "unknown"
 
 
+def metric_step(line: str) -> float:
+    """The step of a metrics.jsonl record; unreadable records sort after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 class RunLog:
     """Log lines to stdout and RUN/train.log, metrics to RUN/metrics.jsonl, a bar on a terminal.
 
@@ -98,7 +107,7 @@ class RunLog:
         """On resume: drop records past the checkpoint (a killed run may have logged beyond it)."""
         self.metrics.close()
         kept = [line for line in self.metrics_path.read_text().splitlines(keepends=True)
-                if json.loads(line)["step"] <= step]
+                if line.endswith("\n") and metric_step(line) <= step]  # a torn last line is dropped
         write_text_atomic(self.metrics_path, "".join(kept))
         self.metrics = open(self.metrics_path, "a", encoding="utf-8")
 
@@ -196,6 +205,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     optimizer = build_optimizer(model, cfg, device)
     start_step, trained_seconds = 0, 0.0
     if state is not None:
+        if state.get("world_size", 1) != env.world_size and not cfg.global_batch_rows:
+            raise CheckpointError(f"{out_dir / CHECKPOINT_NAME}: saved by {state.get('world_size', 1)} "
+                                  f"process(es), resumed by {env.world_size}: that would change the global "
+                                  f"batch; resume with the same count or set --global-batch-rows")
         restore_training_state(state, model, optimizer, loader, out_dir / CHECKPOINT_NAME)
         start_step, trained_seconds = state["step"], state["train_seconds"]
     objective = build_objective(model, cfg, env)
@@ -216,6 +229,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     def save_training_checkpoint(done: int, seconds: float) -> None:
         if env.is_main:
             save_checkpoint(out_dir / CHECKPOINT_NAME, model, cfg, step=done, train_seconds=seconds,
+                            world_size=env.world_size,
                             optimizer=optimizer.state_dict(), loader=loader.state_dict(),
                             rng={"torch": torch.get_rng_state()},
                             tokenizer=str(Path(tokenizer_path).resolve()))
@@ -243,8 +257,9 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
 
             done = step + 1
             elapsed = time.perf_counter() - clock
+            reason = stop_request(cfg, elapsed, stop_signal.requested, device) if done < cfg.steps else None
             at_checkpoint = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
-            if done % cfg.log_every == 0 or done == cfg.steps or at_checkpoint:
+            if done % cfg.log_every == 0 or done == cfg.steps or at_checkpoint or reason:
                 loss = all_reduce_sum(loss_sum.clone()).item() / (done - last_step)  # the step's host sync
                 if first_bad_step.item():
                     log.close()
@@ -266,7 +281,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
                 clock += time.perf_counter() - paused
                 last_time += time.perf_counter() - paused
             log.advance()
-            if done < cfg.steps and (reason := stop_request(cfg, elapsed, stop_signal.requested, device)):
+            if reason:
                 stop_reason = reason
                 break
     train_seconds = time.perf_counter() - clock
