@@ -65,6 +65,16 @@ def cmd_train(args: argparse.Namespace) -> None:
           run_eval=not args.no_eval, resume=bool(args.resume))
 
 
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from .ablate import ablate
+    from .config import parse_value
+
+    base = build_config(args.preset, overrides=config_overrides(args))
+    seeds = [parse_value("seed", s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
+    ablate(base, args.param.replace("-", "_"), args.values.split(","), seeds, Path(args.data),
+           Path(args.out), tokenizer_for(Path(args.data), args.tokenizer))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_model, run_checkpoint
     from .data import ByteTable, load_split, load_tokenizer
@@ -233,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ablate", help="one run per value x seed of a numeric config field; table and plot")
+    p.add_argument("--param", required=True, help="the config field to vary, e.g. num_heads")
+    p.add_argument("--values", required=True, help="comma-separated values, e.g. 2,4,8,16,32")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
+    p.add_argument("--data", required=True, help="folder with fineweb_{train,val}_*.bin")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the one in DATA/manifest.json)")
+    p.add_argument("--out", required=True, help="folder for runs/, ablation.json, ablation.md, ablation.png; "
+                                                "rerun to resume (finished runs are reused)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="base config, as for train")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("eval", help="ELBO bits per byte of a trained run on the val split")
     p.add_argument("--run", "--run-dir", dest="run", required=True,

@@ -94,7 +94,7 @@ class RunLog:
 
     def line(self, message: str) -> None:
         if self.enabled:
-            (self.bar.write if self.bar else self.echo)(message)
+            (self.bar.write if self.bar and self.echo is print else self.echo)(message)
             self.text.write(message + "\n")
             self.text.flush()
 
