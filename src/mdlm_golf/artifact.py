@@ -5,14 +5,14 @@ scored after decompression, so the artifact is what gets evaluated (`load_artifa
 
 File layout: MAGIC (8 bytes) | version (u16) | metadata length (u32) | metadata JSON | payload.
 The payload is every tensor's bytes in metadata order, compressed once: per-row codes (offset to
-unsigned, bit-packed for sub-byte formats) followed by one fp16 scale per row, or raw fp16 values.
+unsigned; sub-byte formats bit-packed or one code per byte, whichever compresses smaller) followed
+by one fp16 scale per row, or raw fp16 values.
 """
 from __future__ import annotations
 
 import json
 import lzma
 import math
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .config import Config, config_from_dict
+from .files import write_bytes_atomic
 
 MAGIC = b"MDLMGOLF"
 VERSION = 1
@@ -45,7 +46,11 @@ class ArtifactError(ValueError):
 
 
 class OversizeError(ValueError):
-    """Code + artifact would exceed the byte limit."""
+    """Code + artifact would exceed the byte limit; `report` holds the size report that says by how much."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
 
 
 # ---------------------------------------------------------------- spec: which format for which tensor
@@ -98,6 +103,7 @@ def trimmed_rows(cfg: Config) -> dict[str, int]:
 # ---------------------------------------------------------------- per-row symmetric quantization
 
 def qmax(bits: int) -> int:
+    """Largest code magnitude: symmetric codes in [-qmax, qmax] (int6: 31)."""
     return 2 ** (bits - 1) - 1
 
 
@@ -113,12 +119,16 @@ def quantize_rows(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tens
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Float32 weights from integer codes [R, C] and per-row scales [R]."""
     return codes.float() * scale.float()[:, None]
 
 
-def row_errors(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Squared reconstruction error of each row [R]."""
-    return (dequantize_rows(quantize_rows(w, scale, bits), scale) - w).square().sum(dim=1)
+def row_errors(w: torch.Tensor, scale: torch.Tensor, bits: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared reconstruction error of each row [R]; in place in `buf` (memory-bound, so it pays)."""
+    limit, s = qmax(bits), scale[:, None]
+    buf = torch.div(w, s, out=buf)
+    buf.round_().clamp_(-limit, limit).mul_(s).sub_(w)
+    return torch.linalg.vector_norm(buf, dim=1).square_()
 
 
 def clip_search(w: torch.Tensor, bits: int, fractions: Iterable[float] = CLIP_FRACTIONS) -> torch.Tensor:
@@ -127,9 +137,10 @@ def clip_search(w: torch.Tensor, bits: int, fractions: Iterable[float] = CLIP_FR
     max_abs = w.abs().amax(dim=1)
     best_scale = torch.zeros_like(max_abs)
     best_err = torch.full_like(max_abs, math.inf)
+    buf = torch.empty_like(w)
     for fraction in fractions:  # a few candidates, each vectorized over all rows
         scale = fp16_scale(max_abs * fraction / qmax(bits))
-        err = row_errors(w, scale, bits)
+        err = row_errors(w, scale, bits, buf)
         better = err < best_err
         best_scale = torch.where(better, scale, best_scale)
         best_err = torch.where(better, err, best_err)
@@ -148,8 +159,7 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits
     w[:, dead] = 0.0
     order = torch.argsort(torch.diagonal(h), descending=True)  # "act order": big inputs first
     w, h = w[:, order], h[order][:, order]
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = damped_inverse_cholesky(h, damp)
     scale = scale.double()
     limit = qmax(bits)
     codes = torch.zeros_like(w)
@@ -166,6 +176,17 @@ def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits
     return codes[:, torch.argsort(order)].float()
 
 
+def damped_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1, damping more until H is positive definite."""
+    for attempt in range(4):
+        damped = h + torch.eye(h.size(0), dtype=h.dtype) * (damp * 10 ** attempt * torch.diagonal(h).mean())
+        try:
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError(f"GPTQ: Hessian not positive definite even with damping {damp * 1000:g}")
+
+
 @torch.no_grad()
 def collect_hessians(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                      ) -> dict[str, torch.Tensor]:
@@ -176,7 +197,7 @@ def collect_hessians(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
     def hook_for(name: str) -> Callable:
         def hook(module, inputs, output) -> None:
             x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).double()
-            hessians[name] = hessians.get(name, 0) + (x.T @ x).cpu()
+            hessians[name] = hessians.get(name, 0) + x.T @ x
         return hook
 
     for name, module in model.named_modules():
@@ -188,7 +209,7 @@ def collect_hessians(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
     finally:
         for h in hooks:
             h.remove()
-    return hessians
+    return {name: h.cpu() for name, h in hessians.items()}
 
 
 def calibration_batches(cfg: Config, tokens: np.ndarray, num_batches: int, rows: int,
@@ -234,6 +255,7 @@ class QuantTensor:
 
 
 def tensor_format(name: str, tensor: torch.Tensor, groups: dict[str, str], small_numel: int) -> str:
+    """Its group's format for a large matrix; fp16 for vectors, scalars and small tensors."""
     if tensor.dim() != 2 or tensor.numel() < small_numel:
         return "fp16"
     return groups[param_group(name)]
@@ -251,13 +273,13 @@ def quantize_tensor(name: str, tensor: torch.Tensor, fmt: str, rows: int | None 
     base = dict(name=name, group=param_group(name), format=fmt, shape=tuple(tensor.shape),
                 dtype=str(tensor.dtype).removeprefix("torch."))
     if fmt == "fp16":
-        if w.abs().max() > torch.finfo(torch.float16).max if w.numel() else False:
+        if w.numel() and w.abs().max() > torch.finfo(torch.float16).max:
             raise ValueError(f"parameter {name!r} overflows fp16")
         return QuantTensor(data=w.to(torch.float16).numpy(), **base)
     bits = FORMAT_BITS[fmt]
+    if w.numel() and w.abs().max() / qmax(bits) > torch.finfo(torch.float16).max:
+        raise ValueError(f"parameter {name!r}: a row scale would overflow fp16")
     scale = clip_search(w, bits)
-    if not torch.isfinite(scale.to(torch.float16)).all():
-        raise ValueError(f"parameter {name!r}: a row scale overflows fp16")
     codes = quantize_rows(w, scale, bits) if hessian is None else gptq_codes(w, hessian, scale, bits)
     return QuantTensor(data=(codes + qmax(bits) + 1).to(torch.uint8).numpy(),
                        scale=scale.to(torch.float16).numpy(), **base)
@@ -290,6 +312,7 @@ def quantize_state_dict(state: dict[str, torch.Tensor], cfg: Config, spec: str, 
 
 
 def dequantize_state_dict(qtensors: list[QuantTensor]) -> dict[str, torch.Tensor]:
+    """The float32 state dict the artifact loads as."""
     return {qt.name: dequantize_tensor(qt) for qt in qtensors}
 
 
@@ -344,6 +367,7 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def packed_size(count: int, bits: int, packed: bool) -> int:
+    """Bytes of `count` codes: bit-packed in whole groups, or one per byte."""
     if not packed or bits == 8:
         return count
     per_group = 8 // math.gcd(bits, 8)
@@ -353,6 +377,7 @@ def packed_size(count: int, bits: int, packed: bool) -> int:
 # ---------------------------------------------------------------- payload
 
 def stored_count(entry: dict) -> int:
+    """Values a metadata entry stores (trimmed rows excluded)."""
     return entry["rows"] * math.prod(entry["shape"][1:]) if entry["shape"] else 1
 
 
@@ -364,6 +389,7 @@ def entry_bytes(entry: dict, packed: bool) -> int:
 
 
 def tensor_bytes(qt: QuantTensor, packed: bool) -> bytes:
+    """One tensor's payload bytes: codes then fp16 scales, or fp16 values."""
     if qt.scale is None:
         return qt.data.astype("<f2").tobytes()
     bits = FORMAT_BITS[qt.format]
@@ -372,6 +398,7 @@ def tensor_bytes(qt: QuantTensor, packed: bool) -> bytes:
 
 
 def tensor_from_bytes(entry: dict, raw: bytes, packed: bool) -> QuantTensor:
+    """Inverse of tensor_bytes, shaped by its metadata entry."""
     count, rows = stored_count(entry), entry["rows"]
     stored_shape = (rows, *entry["shape"][1:]) if entry["shape"] else ()
     base = dict(name=entry["name"], group=entry["group"], format=entry["format"],
@@ -414,6 +441,7 @@ def compressor_functions(name: str) -> tuple[Callable[[bytes], bytes], Callable[
 
 
 def available_compressors() -> list[str]:
+    """The compressors whose libraries are installed (zlib and lzma always are)."""
     available = []
     for name in COMPRESSORS:
         try:
@@ -434,26 +462,38 @@ def compress(raw: bytes, compressor: str) -> tuple[str, bytes, dict[str, int]]:
 
 # ---------------------------------------------------------------- the file
 
+def layout_name(packed: bool) -> str:
+    """How sub-byte codes are laid out in the payload."""
+    return "packed" if packed else "bytes"
+
+
 def encode_artifact(qtensors: list[QuantTensor], cfg: Config, spec: str, *, compressor: str = "lzma",
-                    packed: bool = True, method: str = "rtn", small_numel: int = SMALL_NUMEL,
+                    packed: bool | None = None, method: str = "rtn", small_numel: int = SMALL_NUMEL,
                     extra: dict | None = None) -> tuple[bytes, dict]:
-    """The artifact's bytes and its metadata (with 'compressed_sizes' of every compressor tried)."""
-    raw = b"".join(tensor_bytes(qt, packed) for qt in qtensors)
-    name, blob, sizes = compress(raw, compressor)
+    """The artifact's bytes and metadata ('compressed_sizes': every compressor and layout tried).
+
+    packed=None tries both layouts of sub-byte codes: bit-packed, and one code per byte, which
+    entropy-coding compressors (lzma, zstd, brotli) often shrink further than the packed bits.
+    """
+    sub_byte = any(qt.scale is not None and FORMAT_BITS[qt.format] < 8 for qt in qtensors)
+    layouts = [packed] if packed is not None else ([True, False] if sub_byte else [False])
+    tried, best = {}, None
+    for layout in layouts:
+        raw = b"".join(tensor_bytes(qt, layout) for qt in qtensors)
+        name, blob, sizes = compress(raw, compressor)
+        tried.update({f"{n}/{layout_name(layout)}": size for n, size in sizes.items()})
+        if best is None or len(blob) < len(best[2]):
+            best = (layout, name, blob, len(raw))
+    layout, name, blob, raw_bytes = best
     meta = {"format": "mdlm-golf-artifact", "version": VERSION, "config": cfg.to_dict(), "spec": spec,
-            "groups": parse_spec(spec), "method": method, "small_numel": small_numel, "packed": packed,
-            "compressor": name, "raw_bytes": len(raw), "payload_bytes": len(blob),
+            "groups": parse_spec(spec), "method": method, "small_numel": small_numel, "packed": layout,
+            "compressor": name, "raw_bytes": raw_bytes, "payload_bytes": len(blob),
             "crc32": zlib.crc32(blob), **(extra or {}), "tensors": [qt.entry() for qt in qtensors]}
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-    return HEADER.pack(MAGIC, VERSION, len(meta_bytes)) + meta_bytes + blob, {**meta, "compressed_sizes": sizes}
+    return HEADER.pack(MAGIC, VERSION, len(meta_bytes)) + meta_bytes + blob, {**meta, "compressed_sizes": tried}
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write next to the target, then rename: a crash leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+META_KEYS = ("config", "compressor", "packed", "payload_bytes", "crc32", "tensors")
 
 
 def read_meta(path: Path, data: bytes) -> tuple[dict, bytes]:
@@ -469,13 +509,15 @@ def read_meta(path: Path, data: bytes) -> tuple[dict, bytes]:
         raise ArtifactError(f"{path}: truncated metadata ({len(data) - HEADER.size} of {meta_len} bytes)")
     try:
         meta = json.loads(data[HEADER.size:HEADER.size + meta_len])
-        payload = data[HEADER.size + meta_len:]
-        expected = meta["payload_bytes"]
-    except (ValueError, KeyError, TypeError):
+        missing = [k for k in META_KEYS if k not in meta]
+    except (ValueError, TypeError):
         raise ArtifactError(f"{path}: corrupt artifact metadata") from None
+    if missing:
+        raise ArtifactError(f"{path}: corrupt artifact metadata (missing {', '.join(missing)})")
+    payload, expected = data[HEADER.size + meta_len:], meta["payload_bytes"]
     if len(payload) != expected:
         raise ArtifactError(f"{path}: truncated payload ({len(payload)} of {expected} bytes)")
-    if zlib.crc32(payload) != meta.get("crc32"):
+    if zlib.crc32(payload) != meta["crc32"]:
         raise ArtifactError(f"{path}: corrupt payload (CRC mismatch)")
     return meta, payload
 
@@ -496,15 +538,16 @@ def read_artifact(path: Path) -> tuple[dict, list[QuantTensor]]:
         raise ArtifactError(f"{path}: cannot decompress the {meta['compressor']} payload ({e})") from None
     try:
         sizes = [entry_bytes(e, meta["packed"]) for e in meta["tensors"]]
-        if sum(sizes) != len(raw):
-            raise ArtifactError(f"{path}: payload holds {len(raw)} bytes, its tensors need {sum(sizes)}")
-        offsets = np.cumsum([0, *sizes]).tolist()
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: corrupt tensor table ({e!r})") from None
+    if sum(sizes) != len(raw):
+        raise ArtifactError(f"{path}: payload holds {len(raw)} bytes, its tensors need {sum(sizes)}")
+    offsets = np.cumsum([0, *sizes]).tolist()
+    try:
         qtensors = [tensor_from_bytes(e, raw[a:b], meta["packed"])
                     for e, a, b in zip(meta["tensors"], offsets, offsets[1:])]
     except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, ArtifactError):
-            raise
-        raise ArtifactError(f"{path}: corrupt tensor table ({e})") from None
+        raise ArtifactError(f"{path}: corrupt tensor table ({e!r})") from None
     return meta, qtensors
 
 
@@ -533,6 +576,7 @@ def package_code_paths() -> list[Path]:
 
 
 def code_bytes(paths: Iterable[Path]) -> int:
+    """Bytes of the code that ships (a later single-file export passes its one file)."""
     return sum(Path(p).stat().st_size for p in paths)
 
 
@@ -570,7 +614,7 @@ def size_report(qtensors: list[QuantTensor], meta: dict, artifact_bytes: int, *,
 
 
 def export_artifact(checkpoint_path: Path, out_path: Path, spec: str, compressor: str = "best", *,
-                    method: str = "rtn", packed: bool = True, small_numel: int = SMALL_NUMEL,
+                    method: str = "rtn", packed: bool | None = None, small_numel: int = SMALL_NUMEL,
                     calib_data: Path | None = None, calib_batches: int = 8, calib_rows: int = 8,
                     code_paths: Iterable[Path] | None = None, limit: int = LIMIT_BYTES,
                     allow_oversize: bool = False, attribute: bool = True) -> dict:
@@ -595,7 +639,7 @@ def export_artifact(checkpoint_path: Path, out_path: Path, spec: str, compressor
         raise OversizeError(
             f"{out_path}: code {report['code_bytes']:,} + artifact {len(data):,} = {report['total_bytes']:,} "
             f"bytes exceeds the {limit:,}-byte limit by {-report['margin_bytes']:,}; not written "
-            f"(allow oversize to write it anyway)")
+            f"(allow oversize to write it anyway)", report)
     write_bytes_atomic(Path(out_path), data)
     return report
 
@@ -627,6 +671,7 @@ def format_size_table(report: dict) -> str:
 
 
 def total_row(groups: list[dict]) -> dict:
+    """The sum of the group rows (compressed bytes summed over separately compressed groups)."""
     row = {"group": "total", "formats": sorted({f for g in groups for f in g["formats"]}),
            **{k: sum(g[k] for g in groups) for k in ("params", "fp32_bytes", "quant_bytes")}}
     if groups and "compressed_bytes" in groups[0]:
@@ -638,13 +683,18 @@ def total_row(groups: list[dict]) -> dict:
 
 def quantization_penalty(model: torch.nn.Module, quantized: torch.nn.Module, val_tokens: np.ndarray,
                          byte_table, cfg: Config, *, steps: int, num_seqs: int, seed: int = 0,
-                         device: torch.device | None = None) -> dict:
-    """Strict bpb before and after quantization on the same mask draws: the gap is the penalty, not noise."""
+                         device: torch.device | None = None, reference: dict | None = None) -> dict:
+    """Strict bpb before and after quantization on the same mask draws: the gap is the penalty, not noise.
+
+    `reference` is the float model's strict result from an earlier call with the same settings
+    (it saves re-evaluating the float model for every spec).
+    """
     from .evaluate import evaluate
 
     def strict(m: torch.nn.Module) -> dict:
         return evaluate(m, val_tokens, byte_table, cfg, steps=steps, num_seqs=num_seqs, seed=seed,
                         modes=("strict",), device=device)["strict"]
 
-    before, after = strict(model), strict(quantized)
+    before = reference if reference is not None else strict(model)
+    after = strict(quantized)
     return {"float": before, "quantized": after, "delta_bpb": after["bpb"] - before["bpb"]}

@@ -82,7 +82,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import MODES, evaluate, format_result, projected_seconds
 
     env = init_distributed()
-    model, cfg, state = load_model(run_checkpoint(Path(args.run)), env.device)
+    if args.artifact:
+        from .artifact import load_artifact
+
+        model, cfg, state = load_artifact(Path(args.artifact), env.device)  # scores what ships
+    else:
+        model, cfg, state = load_model(run_checkpoint(Path(args.run)), env.device)
     tokenizer = Path(args.tokenizer or state.get("tokenizer") or tokenizer_for(Path(args.data), None))
     byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer), cfg.vocab_size)
     val = load_split(Path(args.data), "val", cfg.vocab_size)
@@ -172,6 +177,44 @@ def cmd_decompress(args: argparse.Namespace) -> None:
     print(f"{args.input} -> {args.output}: {len(text.encode('utf-8')):,} bytes")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .artifact import OversizeError, export_artifact, format_size_table
+    from .checkpoint import run_checkpoint
+
+    packed = {"packed": True, "bytes": False, "best": None}[args.layout]
+    try:
+        report = export_artifact(run_checkpoint(Path(args.run)), Path(args.out), args.quant, args.compressor,
+                                 method=args.method, packed=packed, small_numel=args.small_numel,
+                                 calib_data=Path(args.data) if args.data else None,
+                                 allow_oversize=args.allow_oversize)
+    except OversizeError as e:
+        print(format_size_table(e.report), file=sys.stderr)
+        raise
+    print(format_size_table(report))
+    print(f"wrote {args.out}; score it with: mdlm-golf eval --artifact {args.out} --data DIR")
+    if args.json:
+        write_text_atomic(Path(args.json), json.dumps(report, indent=2) + "\n")
+
+
+def cmd_submission(args: argparse.Namespace) -> None:
+    from .artifact import load_artifact
+    from .data import ByteTable, load_split, load_tokenizer
+    from .evaluate import evaluate
+    from .submission import write_submission
+    from .train import pick_device
+
+    device = pick_device()
+    model, cfg, meta = load_artifact(Path(args.artifact), device)
+    tokenizer = Path(args.tokenizer or meta.get("tokenizer") or tokenizer_for(Path(args.data), None))
+    byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer), cfg.vocab_size)
+    results = evaluate(model, load_split(Path(args.data), "val", cfg.vocab_size), byte_table, cfg,
+                       steps=args.elbo_steps, num_seqs=args.num_seqs, seed=args.seed, device=device)
+    info = write_submission(Path(args.run), Path(args.artifact), Path(args.out), name=args.name,
+                            github_id=args.github_id, eval_results=results, size_report=meta,
+                            hardware=args.hardware, seeds=[cfg.seed])
+    print(json.dumps(info, indent=2))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -257,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("eval", help="ELBO bits per byte of a trained run on the val split")
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder (holds model.pt); spell it --run-dir under torchrun, whose own "
-                        "--run-path swallows --run")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", "--run-dir", dest="run",
+                        help="run folder (holds model.pt); spell it --run-dir under torchrun, whose own "
+                             "--run-path swallows --run")
+    source.add_argument("--artifact", help="a quantized artifact written by `export` (what the entry ships)")
     p.add_argument("--data", required=True, help="folder with fineweb_val_*.bin")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one the run trained with)")
     p.add_argument("--elbo-steps", type=int, default=128)
@@ -290,6 +335,39 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mode", choices=("anchored", "strict"), default="anchored",
                            help="anchored: BOS positions are given in the header, not coded; strict: all coded")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help="quantize and compress a run into the artifact the 16 MB rule counts")
+    p.add_argument("--run", required=True, help="run folder (holds model.pt)")
+    p.add_argument("--out", required=True, help="artifact file to write")
+    p.add_argument("--quant", default="int8",
+                   help="format per group: 'int6' or 'embed=int8,attn=int6,mlp=int6,head=int8,adaln=int8' "
+                        "(groups embed attn mlp head adaln; formats int8 int6 int5 int4 fp16)")
+    p.add_argument("--compressor", choices=("zlib", "lzma", "zstd", "brotli", "best"), default="best",
+                   help="best = try each installed one and keep the smallest")
+    p.add_argument("--layout", choices=("packed", "bytes", "best"), default="best",
+                   help="sub-byte codes bit-packed, one per byte (entropy coders often prefer it), or both")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="rtn = clip search + rounding; gptq = error-compensated rounding (needs --data)")
+    p.add_argument("--data", help="folder with fineweb_train_*.bin for GPTQ calibration")
+    p.add_argument("--small-numel", type=int, default=65_536, help="tensors under this many values stay fp16")
+    p.add_argument("--allow-oversize", action="store_true",
+                   help="write the artifact even if code + artifact exceed 16,000,000 bytes")
+    p.add_argument("--json", help="write the size report as JSON here")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("submission", help="write a challenge record folder from a run and its artifact")
+    p.add_argument("--run", required=True, help="run folder (config.json, train.log)")
+    p.add_argument("--artifact", required=True, help="artifact written by export")
+    p.add_argument("--data", required=True, help="folder with fineweb_val_*.bin (the artifact is scored)")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the one the run trained with)")
+    p.add_argument("--out", required=True, help="records/DATE_NAME/")
+    p.add_argument("--name", required=True)
+    p.add_argument("--github-id", required=True)
+    p.add_argument("--hardware", default="8xH100 SXM")
+    p.add_argument("--elbo-steps", type=int, default=128)
+    p.add_argument("--num-seqs", type=int, default=0, help="val slices; 0 = the whole split")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_submission)
 
     p = sub.add_parser("download", help="fetch the challenge's published FineWeb shards and tokenizer (HF Hub)")
     p.add_argument("--variant", default="sp1024", help="tokenizer family: dataset fineweb10B_<VARIANT>")

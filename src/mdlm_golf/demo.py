@@ -59,7 +59,7 @@ def build_corpus(path: Path) -> dict:
     return {"docs": len(docs), "chars": sum(map(len, docs))}
 
 
-def run_demo(out: Path, steps: int | None = None) -> dict:
+def run_demo(out: Path, steps: int | None = None, **overrides) -> dict:
     """Corpus -> SP-1024 tokenizer -> shards -> train the demo preset -> strict/anchored bpb."""
     began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def run_demo(out: Path, steps: int | None = None) -> dict:
         print(f"corpus: {counts['docs']:,} documents, {counts['chars']:,} characters of stdlib text")
         print("training a SentencePiece BPE (1024) and writing shards ...")
         manifest = prepare(corpus, data_dir, None, vocab_size=1024, val_docs=VAL_DOCS)
-    cfg = build_config("demo", environ={}, overrides={"steps": steps})
+    cfg = build_config("demo", environ={}, overrides={"steps": steps, **overrides})
     summary = train(cfg, data_dir, out / "run", Path(manifest["tokenizer"]))
     strict, anchored = summary["eval"]["strict"], summary["eval"]["anchored"]
     losses = summary["losses"]

@@ -11,7 +11,7 @@ from .files import write_text_atomic
 
 PACKAGE = Path(__file__).resolve().parent
 # the modules the standalone script needs, in dependency order (no CLI, no download, no demo)
-SCRIPT_MODULES = ("config", "data", "model", "diffusion", "dist", "loader", "checkpoint", "evaluate",
+SCRIPT_MODULES = ("files", "config", "data", "model", "diffusion", "dist", "loader", "checkpoint", "evaluate",
                   "train", "artifact")
 SCRIPT_NAME = "train_mdlm.py"
 
