@@ -397,7 +397,6 @@ def test_loss_of_unigram_model_equals_the_elbo(layout, eps):
     losses = unigram_loss_samples(p, eps, layout, batches=30, rows=64, length=64)
     target = (1.0 - eps) * expected_nll_nats(p, layout)
     se = losses.std(ddof=1) / math.sqrt(losses.size)
-    print(layout, eps, losses.mean(), target, se, (losses.mean() - target) / se)
     assert se < 0.01 * target  # the check below is sharp to ~4% of the bound
     assert abs(losses.mean() - target) < 4.5 * se, (losses.mean(), target, se)
 
@@ -414,7 +413,6 @@ def test_dsigma_dt_weight_would_not_be_the_elbo(monkeypatch):
     h = expected_nll_nats(p, "stream")
     se = losses.std(ddof=1) / math.sqrt(losses.size)
     wrong_target = (-(1.0 - eps) - math.log(eps)) * h  # analytic E_t[(1 - alpha) dsigma/dt] * H
-    print(losses.mean(), wrong_target, se, (1.0 - eps) * h)
     assert abs(losses.mean() - wrong_target) < 4.5 * se, (losses.mean(), wrong_target, se)
     true_elbo = (1.0 - eps) * h
     assert losses.mean() - true_elbo > 10 * se

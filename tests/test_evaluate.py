@@ -111,11 +111,10 @@ def test_elbo_of_unigram_model_is_exact_in_expectation(eps):
     for mode, values in samples.items():
         values = np.asarray(values)
         se = values.std(ddof=1) / math.sqrt(values.size)
-        print(mode, values.mean(), expected[mode], se, (values.mean() - expected[mode]) / se)
         assert se < 0.01 * expected[mode]  # sharp enough that a few % error in the weights fails
         assert abs(values.mean() - expected[mode]) < 4.5 * se, (mode, values.mean(), expected[mode], se)
-    if eps == 0.3:  # the terminal term matters: leaving it out would be off by ~3 bits/token
-        assert expected["strict"] - (1 - alpha_t) * nll_bits.mean() > 2.5
+    if eps == 0.3:  # the terminal term matters: without it the figure would be ~3 bits/token lower
+        assert np.mean(samples["strict"]) - (1 - alpha_t) * nll_bits.mean() > 2.5
 
 
 def test_elbo_bits_per_slice_expectation_uses_reveal_weights():
