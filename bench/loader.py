@@ -95,10 +95,9 @@ def child_rss(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     batches = 0
     while loader.stats["groups_served"] < target_groups or loader.cursor:
-        x = loader.next_rows(args.rows)
+        loader.next_rows(args.rows)
         time.sleep(step_s)  # the "training step"; the prefetch thread reads meanwhile
         batches += 1
-        del x
     elapsed = time.perf_counter() - began
     peak = proc_status()
     shards_seen = {name for e in events for name in e["shards"]}

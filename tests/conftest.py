@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DOCS = SHARED / "docs_selected.jsonl"
@@ -42,3 +43,35 @@ def prepared_data(tmp_path_factory, shared_docs_path, shared_tokenizer_path) -> 
     out = tmp_path_factory.mktemp("data")
     prepare(shared_docs_path, out, shared_tokenizer_path, val_docs=500, shard_tokens=1_000_000)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_environment():
+    """One torch thread (tiny models only lose to thread hand-offs, badly so on a busy machine), the
+    CPU, and no stray config env vars (STEPS, SEED, LR ... would change what train builds)."""
+    from mdlm_golf.config import field_types
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in field_types():
+            mp.delenv(name.upper(), raising=False)
+        mp.setattr(torch.cuda, "is_available", lambda: False)  # CPU, as the subprocesses
+        yield
+    torch.set_num_threads(threads)
+
+
+def first_docs(docs_path: Path, count: int, out: Path) -> Path:
+    """The first `count` documents of a JSONL file, written to `out`."""
+    with open(docs_path, encoding="utf-8") as f:
+        lines = [next(f) for _ in range(count)]
+    out.write_text("".join(lines), encoding="utf-8")
+    return out
+
+
+def small_data(root: Path, docs_path: Path, tokenizer: Path, docs: int, **prepare_args) -> Path:
+    """A prepared data folder from the first `docs` shared documents."""
+    from mdlm_golf.data import prepare
+
+    prepare(first_docs(docs_path, docs, root / "docs.jsonl"), root / "D", tokenizer, **prepare_args)
+    return root / "D"

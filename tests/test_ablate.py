@@ -6,35 +6,18 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import small_data
 
 import mdlm_golf.ablate as ablate_mod
 from mdlm_golf.ablate import ablate, conclusion, write_report
-from mdlm_golf.config import build_config, field_types
-from mdlm_golf.data import prepare
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quiet_environment():
-    """One torch thread (tiny models lose to thread hand-offs) and no stray config env vars."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        for name in field_types():
-            mp.delenv(name.upper(), raising=False)
-        yield
-    torch.set_num_threads(threads)
+from mdlm_golf.config import build_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, shared_docs_path, shared_tokenizer_path) -> Path:
     """The first 600 documents of the shared corpus, 50 of them val."""
-    with open(shared_docs_path, encoding="utf-8") as f:
-        lines = [next(f) for _ in range(600)]
-    root = tmp_path_factory.mktemp("ablate")
-    (root / "docs.jsonl").write_text("".join(lines), encoding="utf-8")
-    prepare(root / "docs.jsonl", root / "D", shared_tokenizer_path, val_docs=50)
-    return root / "D"
+    return small_data(tmp_path_factory.mktemp("ablate"), shared_docs_path, shared_tokenizer_path, 600,
+                      val_docs=50)
 
 
 def tiny_base():

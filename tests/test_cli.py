@@ -10,37 +10,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import first_docs
 
 from mdlm_golf.cli import main
-from mdlm_golf.config import BOS_ID, PRESETS, Config, build_config, field_types
+from mdlm_golf.config import BOS_ID, PRESETS, Config, build_config
 from mdlm_golf.data import ByteTable, load_split
 
 EVAL_FIELDS = {"bits", "tokens", "bytes", "bpb", "bits_per_token", "elbo_steps", "num_seqs", "seq_len",
                "mode", "bpb_legacy_4p3"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quiet_environment():
-    """One torch thread (a tiny model only loses to thread hand-offs, badly so on a busy machine)
-    and no stray config env vars (STEPS, SEED, LR ... would change what train builds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        for name in field_types():
-            mp.delenv(name.upper(), raising=False)
-        yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_docs(tmp_path_factory, shared_docs_path) -> Path:
     """The first 800 documents of the shared corpus."""
-    with open(shared_docs_path, encoding="utf-8") as f:
-        lines = [next(f) for _ in range(800)]
-    path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
-    path.write_text("".join(lines), encoding="utf-8")
-    return path
+    return first_docs(shared_docs_path, 800, tmp_path_factory.mktemp("docs") / "docs.jsonl")
 
 
 @pytest.fixture(scope="module")

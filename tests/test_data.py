@@ -1,7 +1,6 @@
 """Shard format, byte table, corpus preparation and batch assembly (mdlm_golf.data)."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random

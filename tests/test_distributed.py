@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import small_data
 
 from mdlm_golf.cli import main
 from mdlm_golf.config import field_types
@@ -44,30 +44,11 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quiet_environment():
-    """In-process runs: one torch thread, CPU, no config env vars (as the subprocesses get)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        for name in field_types():
-            mp.delenv(name.upper(), raising=False)
-        mp.setattr(torch.cuda, "is_available", lambda: False)  # CPU, as the subprocesses
-        yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, shared_docs_path, shared_tokenizer_path) -> Path:
     """The first 800 shared documents; a 10-document val split keeps whole-split eval fast."""
-    from mdlm_golf.data import prepare
-
-    root = tmp_path_factory.mktemp("dist")
-    with open(shared_docs_path, encoding="utf-8") as f:
-        lines = [next(f) for _ in range(800)]
-    (root / "docs.jsonl").write_text("".join(lines), encoding="utf-8")
-    prepare(root / "docs.jsonl", root / "D", shared_tokenizer_path, val_docs=10)
-    return root / "D"
+    return small_data(tmp_path_factory.mktemp("dist"), shared_docs_path, shared_tokenizer_path, 800,
+                      val_docs=10)
 
 
 @pytest.fixture(scope="module")

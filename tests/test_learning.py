@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from mdlm_golf.config import build_config
-from mdlm_golf.data import load_split
 from mdlm_golf.train import train
 
 # A small model, large enough batches that the 1/t-weighted loss is not all noise, and a warmdown.

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdlm_golf import loader as loader_mod
 from mdlm_golf import data as data_mod
 from mdlm_golf.data import DataError, copy_rows, doc_windows, write_shard
 from mdlm_golf.loader import ShardedLoader
