@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,29 @@ def small_data(root: Path, docs_path: Path, tokenizer: Path, docs: int, **prepar
 
     prepare(first_docs(docs_path, docs, root / "docs.jsonl"), root / "D", tokenizer, **prepare_args)
     return root / "D"
+
+
+def synthetic_byte_table(seed: int = 0, vocab: int = 1024):
+    """Like a SentencePiece table: ids 0-3 are 0-byte boundaries, the rest 1-6 bytes, some with a space."""
+    from mdlm_golf.data import ByteTable
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(1, 7, size=vocab).astype(np.int64)
+    space = rng.random(vocab) < 0.4
+    boundary = np.zeros(vocab, dtype=bool)
+    base[:4], space[:4], boundary[:4] = 0, False, True
+    return ByteTable(base, space, boundary)
+
+
+def synthetic_val(n: int, p: np.ndarray, seed: int = 0, doc_len: int = 50) -> np.ndarray:
+    """Tokens drawn from p (never BOS), with a BOS starting a document every ~doc_len tokens."""
+    from mdlm_golf.config import BOS_ID
+
+    rng = np.random.default_rng(seed)
+    q = p.copy()
+    q[BOS_ID] = 0.0
+    tokens = rng.choice(p.size, size=n, p=q / q.sum())
+    starts = np.cumsum(rng.integers(doc_len // 2, 2 * doc_len, size=n // 10))
+    tokens[0] = BOS_ID
+    tokens[starts[starts < n]] = BOS_ID
+    return tokens.astype(np.uint16)

@@ -24,13 +24,6 @@ from mdlm_golf.model import MDLM
 MIXED = "embed=int8,attn=int6,mlp=int4,head=int5,adaln=fp16"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors only lose to thread hand-offs, badly so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trained_like(seed: int = 0) -> MDLM:

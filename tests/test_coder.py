@@ -28,13 +28,6 @@ LONG_TEXT = ((
 TEXTS = {"empty": "", "one token": "a", "non-ascii": "Zoë naïve café — 東京", "long": LONG_TEXT}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """planned_bits in the same thread count the coder uses (a tiny model only loses to hand-offs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """torch.compile changes speed, not numbers: the compiled ELBO and training loss equal the eager ones."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
+from conftest import synthetic_byte_table
 import torch
 
 from mdlm_golf.config import BOS_ID, build_config
-from mdlm_golf.data import ByteTable
 from mdlm_golf.diffusion import Objective, Tokens, draw_noise
 from mdlm_golf.evaluate import evaluate
 from mdlm_golf.model import MDLM
@@ -21,12 +20,6 @@ def perturbed_tiny_model(**overrides):
     return model, cfg
 
 
-def byte_table(vocab: int) -> ByteTable:
-    base = np.full(vocab, 3, dtype=np.int64)
-    boundary = np.zeros(vocab, dtype=bool)
-    boundary[:4] = True
-    base[:4] = 0
-    return ByteTable(base, np.arange(vocab) % 2 == 0, boundary)
 
 
 @pytest.mark.slow
@@ -35,7 +28,7 @@ def test_compiled_evaluation_and_loss_match_eager():
     generator = torch.Generator().manual_seed(1)
     val = torch.randint(4, cfg.vocab_size, (6 * cfg.seq_len,), generator=generator).numpy()
     val[:: 40] = BOS_ID
-    table = byte_table(cfg.vocab_size)
+    table = synthetic_byte_table()
     eager = evaluate(model, val, table, cfg, steps=4, num_seqs=6, seed=3, modes=("strict",))
     cfg.compile = True
     compiled = evaluate(model, val, table, cfg, steps=4, num_seqs=6, seed=3, modes=("strict",))

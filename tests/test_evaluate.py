@@ -5,11 +5,11 @@ import math
 
 import numpy as np
 import pytest
+from conftest import synthetic_byte_table, synthetic_val
 import torch
 from torch import nn
 
 from mdlm_golf.config import BOS_ID, build_config
-from mdlm_golf.data import ByteTable
 from mdlm_golf.diffusion import Tokens, elbo_grid, masked_nll, reveal_weights
 from mdlm_golf.evaluate import LEGACY_BYTES_PER_TOKEN, elbo_bits, evaluate, make_slices, slice_mask_draws
 from mdlm_golf.model import MDLM
@@ -56,26 +56,8 @@ class NeighbourDenoiser(nn.Module):
         return self.left[prev] + self.right[nxt] + 0.1 * sigma.float()[:, None, None]
 
 
-def synthetic_byte_table(seed: int = 0) -> ByteTable:
-    """Like a SentencePiece table: ids 0-3 are 0-byte boundaries, the rest 1-6 bytes, some with a space."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(1, 7, size=V).astype(np.int64)
-    space = rng.random(V) < 0.4
-    boundary = np.zeros(V, dtype=bool)
-    base[:4], space[:4], boundary[:4] = 0, False, True
-    return ByteTable(base, space, boundary)
 
 
-def synthetic_val(n: int, p: np.ndarray, seed: int = 0, doc_len: int = 50) -> np.ndarray:
-    """Tokens drawn from p (never BOS), with a BOS starting a document every ~doc_len tokens."""
-    rng = np.random.default_rng(seed)
-    q = p.copy()
-    q[BOS_ID] = 0.0
-    tokens = rng.choice(V, size=n, p=q / q.sum())
-    starts = np.cumsum(rng.integers(doc_len // 2, 2 * doc_len, size=n // 10))
-    tokens[0] = BOS_ID
-    tokens[starts[starts < n]] = BOS_ID
-    return tokens.astype(np.uint16)
 
 
 def small_cfg(**overrides):

@@ -5,12 +5,12 @@ import math
 
 import numpy as np
 import pytest
+from conftest import synthetic_byte_table, synthetic_val
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mdlm_golf.config import BOS_ID, build_config
-from mdlm_golf.data import ByteTable
 from mdlm_golf.diffusion import Tokens, suppress_special
 from mdlm_golf.evaluate import make_slices, scored_positions
 from mdlm_golf.model import MDLM
@@ -24,12 +24,6 @@ CPU = torch.device("cpu")
 EPS = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def zipf_unigram(seed: int = 0) -> np.ndarray:
@@ -71,24 +65,8 @@ class Recorder(nn.Module):
         return self.model(x_t, sigma)
 
 
-def synthetic_byte_table(seed: int = 0) -> ByteTable:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(1, 7, size=V).astype(np.int64)
-    space = rng.random(V) < 0.4
-    boundary = np.zeros(V, dtype=bool)
-    base[:4], space[:4], boundary[:4] = 0, False, True
-    return ByteTable(base, space, boundary)
 
 
-def synthetic_val(n: int, p: np.ndarray, seed: int = 0, doc_len: int = 50) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    q = p.copy()
-    q[BOS_ID] = 0.0
-    tokens = rng.choice(V, size=n, p=q / q.sum())
-    starts = np.cumsum(rng.integers(doc_len // 2, 2 * doc_len, size=n // 10))
-    tokens[0] = BOS_ID
-    tokens[starts[starts < n]] = BOS_ID
-    return tokens.astype(np.uint16)
 
 
 def small_cfg(**overrides):
