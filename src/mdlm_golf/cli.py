@@ -6,9 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRESETS, build_config, field_types
-from .files import write_text_atomic
+from .config import PRESETS, build_config, field_types, parse_value
 from .diffusion import GRIDS
+from .files import write_text_atomic
 from .planned import ORDERS
 
 
@@ -21,8 +21,6 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_overrides(args: argparse.Namespace) -> dict:
-    from .config import parse_value
-
     return {name: parse_value(name, getattr(args, name))
             for name in field_types() if getattr(args, name, None) is not None}
 
@@ -49,9 +47,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import train
-
-    from .train import resume_config
+    from .train import resume_config, train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -67,7 +63,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_ablate(args: argparse.Namespace) -> None:
     from .ablate import ablate
-    from .config import parse_value
 
     base = build_config(args.preset, overrides=config_overrides(args))
     seeds = [parse_value("seed", s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
