@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from machine import cpu_model  # bench/machine.py; the script's folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -42,15 +44,6 @@ def proc_status() -> dict[str, int]:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_shards(docs: Path, tokenizer: Path, out: Path, shards: int, shard_tokens: int) -> float:

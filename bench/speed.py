@@ -52,6 +52,8 @@ from mdlm_golf.loader import ShardedLoader
 from mdlm_golf.model import MDLM
 from mdlm_golf.train import build_objective, build_optimizer, lr_at, pick_device, train_step, warm_up
 
+from machine import cpu_model  # bench/machine.py; the script's folder is on sys.path
+
 # dense bf16 tensor-core peak of the SXM cards (H200 is the same GH100 chip as H100);
 # a measured 8192^3 bf16 matmul reaches ~800 TFLOP/s on both (--measure-peak times one)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
@@ -300,15 +302,6 @@ def describe(device: torch.device, cfg: Config, model: MDLM, args, source_name: 
     }
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def table(r: dict) -> str:

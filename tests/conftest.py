@@ -1,6 +1,7 @@
 """Shared fixtures: the ../shared corpus and tokenizer, and one prepared data folder per session."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,31 @@ def synthetic_val(n: int, p: np.ndarray, seed: int = 0, doc_len: int = 50) -> np
     tokens[0] = BOS_ID
     tokens[starts[starts < n]] = BOS_ID
     return tokens.astype(np.uint16)
+
+
+def zipf_unigram(seed: int = 0, vocab: int = 1024) -> np.ndarray:
+    """A Zipf-like unigram distribution over the vocabulary, in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / (np.arange(vocab) + 10.0) ** 1.1
+    p = p[rng.permutation(vocab)]
+    return p / p.sum()
+
+
+class UnigramDenoiser(torch.nn.Module):
+    """Fixed logits log p at every position, ignoring its input (large MASK/PAD logits SUBS must drop)."""
+
+    def __init__(self, p: np.ndarray):
+        super().__init__()
+        vocab = p.size
+        logits = torch.full((vocab + 2,), 10.0)
+        logits[:vocab] = torch.from_numpy(np.log(p)).float()
+        self.register_buffer("logits", logits)
+        self.dummy = torch.nn.Parameter(torch.zeros(()))  # evaluate() reads the device from a parameter
+
+    def forward(self, x_t, sigma, doc_ids=None):
+        return self.logits.expand(*x_t.shape, -1)
+
+    def nll_bits(self, ids: np.ndarray) -> np.ndarray:
+        """The model's own code length per token, in float64 from its float32 logits (MASK/PAD dropped)."""
+        log_p = torch.log_softmax(self.logits[: self.logits.numel() - 2].double(), dim=-1)
+        return -log_p[torch.from_numpy(ids.astype(np.int64))].numpy() / math.log(2)

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import synthetic_byte_table, synthetic_val
+from conftest import UnigramDenoiser, synthetic_byte_table, synthetic_val, zipf_unigram
 import torch
 from torch import nn
 
@@ -19,25 +19,8 @@ PAD = V + 1
 CPU = torch.device("cpu")
 
 
-def zipf_unigram(seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    p = 1.0 / (np.arange(V) + 10.0) ** 1.1
-    p = p[rng.permutation(V)]
-    return p / p.sum()
 
 
-class UnigramDenoiser(nn.Module):
-    """Fixed logits log p at every position (large logits on MASK/PAD, which SUBS must drop)."""
-
-    def __init__(self, p: np.ndarray):
-        super().__init__()
-        logits = torch.full((V + 2,), 10.0)
-        logits[:V] = torch.from_numpy(np.log(p)).float()
-        self.register_buffer("logits", logits)
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x_t, sigma, doc_ids=None):
-        return self.logits.expand(*x_t.shape, -1)
 
 
 class NeighbourDenoiser(nn.Module):

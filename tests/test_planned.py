@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import synthetic_byte_table, synthetic_val
+from conftest import UnigramDenoiser, synthetic_byte_table, synthetic_val, zipf_unigram
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,30 +26,8 @@ EPS = 1e-3
 
 
 
-def zipf_unigram(seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    p = 1.0 / (np.arange(V) + 10.0) ** 1.1
-    p = p[rng.permutation(V)]
-    return p / p.sum()
 
 
-class UnigramDenoiser(nn.Module):
-    """Fixed logits log p at every position, ignoring its input (large MASK/PAD logits SUBS must drop)."""
-
-    def __init__(self, p: np.ndarray):
-        super().__init__()
-        logits = torch.full((V + 2,), 10.0)
-        logits[:V] = torch.from_numpy(np.log(p)).float()
-        self.register_buffer("logits", logits)
-        self.dummy = nn.Parameter(torch.zeros(()))
-
-    def forward(self, x_t, sigma):
-        return self.logits.expand(*x_t.shape, -1)
-
-    def nll_bits(self, ids: np.ndarray) -> np.ndarray:
-        """The model's own code length per token, in float64 from its float32 logits."""
-        log_p = F.log_softmax(suppress_special(self.logits, TOKENS).double(), dim=-1)
-        return -log_p[torch.from_numpy(ids.astype(np.int64))].numpy() / math.log(2)
 
 
 class Recorder(nn.Module):
