@@ -19,10 +19,6 @@ PAD = V + 1
 CPU = torch.device("cpu")
 
 
-
-
-
-
 class NeighbourDenoiser(nn.Module):
     """Context-dependent but row-local and exactly batch-invariant: logits from the two neighbours."""
 
@@ -37,10 +33,6 @@ class NeighbourDenoiser(nn.Module):
         prev = torch.cat([torch.full_like(x_t[:, :1], PAD), x_t[:, :-1]], 1)
         nxt = torch.cat([x_t[:, 1:], torch.full_like(x_t[:, :1], PAD)], 1)
         return self.left[prev] + self.right[nxt] + 0.1 * sigma.float()[:, None, None]
-
-
-
-
 
 
 def small_cfg(**overrides):

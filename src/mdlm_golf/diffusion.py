@@ -175,7 +175,7 @@ def diffusion_loss(model, x0: torch.Tensor, tokens: Tokens, eps: float, layout: 
     x_t, masked = mask_tokens(x0, 1.0 - alpha(t, eps), maskable, tokens.mask, noise.mask_u)
     logits = model(x_t, sigma(t, eps), document_ids(x0, layout, tokens.pad))
     weighted = masked_nll(logits, x0, tokens) * elbo_weight(t, eps)[:, None]
-    weighted_sum = (weighted * masked).sum()
+    weighted_sum = torch.where(masked, weighted, 0.0).sum()  # 0 * inf would be NaN at visible positions
     scored = maskable.sum()
     return LossOutput(weighted_sum / scored.clamp(min=1), weighted_sum, scored, masked.sum())
 

@@ -93,7 +93,7 @@ def elbo_bits(model, slices: EvalSlices, mode: str, steps: int, eps: float, voca
         with autocast:
             logits = model(x_t, to_device(sigmas[steps_k].numpy(), device))
         nll = masked_nll(logits, x0, tokens).double() / math.log(2)
-        row_bits = (nll * masked).sum(-1) * to_device(weights[steps_k].numpy(), device)
+        row_bits = torch.where(masked, nll, 0.0).sum(-1) * to_device(weights[steps_k].numpy(), device)
         bits.index_add_(0, to_device(np.asarray(rows), device), row_bits)
         for s in [s for s in draws if s < rows[-1]]:
             del draws[s]  # jobs run slice by slice, so earlier slices are finished
