@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,15 @@ class UnigramDenoiser(torch.nn.Module):
         """The model's own code length per token, in float64 from its float32 logits (MASK/PAD dropped)."""
         log_p = torch.log_softmax(self.logits[: self.logits.numel() - 2].double(), dim=-1)
         return -log_p[torch.from_numpy(ids.astype(np.int64))].numpy() / math.log(2)
+
+
+def clean_env() -> dict:
+    """Environment for subprocess runs: one thread per process, CPU only, no stray config env vars."""
+    from mdlm_golf.config import field_types
+
+    env = {k: v for k, v in os.environ.items() if k.lower() not in field_types()}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU (gloo) even where a GPU is present
+    return env

@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import small_data
+from conftest import clean_env, small_data
 
 from mdlm_golf.cli import main
-from mdlm_golf.config import field_types
 from mdlm_golf.data import ByteTable, load_split
 
 TIMEOUT = 240  # seconds for any one subprocess
@@ -19,14 +17,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 TRAIN = ["--preset", "tiny", "--steps", "8", "--log-every", "1"]
 
 
-def clean_env() -> dict:
-    """One thread per process (2 processes on 2 cores), CPU only, and no stray config env vars."""
-    env = {k: v for k, v in os.environ.items() if k.lower() not in field_types()}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU (gloo) even where a GPU is present
-    return env
 
 
 def run(args: list[str], cwd: Path, torchrun: bool = False) -> subprocess.CompletedProcess:

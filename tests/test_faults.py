@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_data
+from conftest import clean_env, small_data
 import torch
 
 import mdlm_golf.checkpoint
 import mdlm_golf.train
 from mdlm_golf.checkpoint import read_checkpoint
 from mdlm_golf.cli import main
-from mdlm_golf.config import build_config, field_types
+from mdlm_golf.config import build_config
 from mdlm_golf.train import train
 
 TIMEOUT = 240  # seconds for any one subprocess
@@ -32,14 +32,6 @@ KILL_RUN = ["--preset", "tiny", "--steps", "300", "--log-every", "1", "--checkpo
             "--shards-per-group", "1", "--no-eval"]
 
 
-def clean_env() -> dict:
-    """One thread per process, CPU only, and no stray config env vars."""
-    env = {k: v for k, v in os.environ.items() if k.lower() not in field_types()}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    env["OMP_NUM_THREADS"] = "1"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU (gloo) even where a GPU is present
-    return env
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
