@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Device check for bench/speed.py (issue 6): the reference configuration on one CUDA card, <= 5 minutes.
+# Device check on one CUDA card, under 9 minutes in all: bench/speed.py (issue 6) on the reference
+# configuration, then the race (issue 11): the record preset's MDLM recipe against AR at equal
+# wall-clock on the shared corpus.
 #
 #   bash bench/gpu_check.sh          # JSON and logs go to $OUT when set, else to a temporary folder
+#
+# The race needs the shared corpus inside the checkout (../shared does not travel to the device):
+#   mkdir -p .gpu_data && cp ../shared/data/docs_selected.jsonl ../shared/data/tokenizers/fineweb_1024_bpe.model .gpu_data/
+# and `carry: [".gpu_data"]` (.gpu_data/ is git-ignored). RACE_SECONDS (default 75) is each recipe's
+# training budget; RACE_ARGS adds flags to the race (RACE_ARGS="--preset tiny" tries it on a CPU).
 #
 # Runs, each under its own timeout and all under one deadline:
 #   packed_compiled  reference config, packed layout, torch.compile + FlexAttention (+ a matmul peak)
@@ -19,7 +26,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 RESULTS=${OUT:-$(mktemp -d)}
 mkdir -p "$RESULTS"
-DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-285}))
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-200}))
 
 timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader \
   || echo "nvidia-smi: not available"
@@ -52,9 +59,9 @@ bench() {  # NAME CAP_SECONDS ARGS...: one bench run, limited to min(CAP, time l
   fi
 }
 
-bench packed_compiled 170 --layout packed --compile --steps 20 --warmup 3 --measure-peak
-bench docs_compiled 70 --layout docs --compile --steps 10 --warmup 2 --eval-slices 4
-bench packed_eager 45 --layout packed --no-compile --steps 10 --warmup 2 --eval-slices 2
+bench packed_compiled 120 --layout packed --compile --steps 20 --warmup 3 --measure-peak
+bench docs_compiled 50 --layout docs --compile --steps 10 --warmup 2 --eval-slices 4
+bench packed_eager 30 --layout packed --no-compile --steps 10 --warmup 2 --eval-slices 2
 
 "$PY" - "$RESULTS" <<'EOF'
 import json, sys
@@ -85,6 +92,30 @@ widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols
 for row in [cols, ["-" * w for w in widths], *rows]:
     print(" | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
 EOF
+
+# the race: best MDLM recipe (the record preset) vs AR, equal wall-clock, on the shared corpus
+DOCS=${GPU_DATA:-.gpu_data}
+if [[ -f $DOCS/docs_selected.jsonl && -f $DOCS/fineweb_1024_bpe.model ]]; then
+  RACE_SECONDS=${RACE_SECONDS:-75}
+  echo "== race: record preset vs AR, ${RACE_SECONDS}s of training each (compile and eval off the clock)"
+  rc=0
+  timeout -k 5 420 bash -c '
+    "$0" -m mdlm_golf prepare --docs "$1/docs_selected.jsonl" --tokenizer "$1/fineweb_1024_bpe.model" \
+      --val-docs 500 --out "$2/race_data" >/dev/null &&
+    "$0" -m mdlm_golf race --data "$2/race_data" --out "$2/race" --preset record --recipe record: --recipes ar \
+      --seeds 1 --steps 1000000 --max-wallclock "$3" --val-every 250 --eval-num-seqs 64 --elbo-steps 64 \
+      --compile true $4' "$PY" "$DOCS" "$RESULTS" "$RACE_SECONDS" "${RACE_ARGS:-}" \
+    >"$RESULTS/race.log" 2>&1 || rc=$?
+  if ((rc != 0)); then
+    failed+=("race (exit $rc)")
+    tail -n 25 "$RESULTS/race.log"
+  else
+    sed -n '/^Base:/,/^wrote/p' "$RESULTS/race.log"
+  fi
+else
+  echo "== race: skipped (no $DOCS/docs_selected.jsonl; see the header of this script)"
+  failed+=("race (no data)")
+fi
 
 if ((${#failed[@]})); then
   echo "incomplete: ${failed[*]}"

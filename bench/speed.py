@@ -50,7 +50,8 @@ from mdlm_golf.dist import init_distributed
 from mdlm_golf.evaluate import EvalSlices, elbo_bits
 from mdlm_golf.loader import ShardedLoader
 from mdlm_golf.model import MDLM
-from mdlm_golf.train import build_objective, build_optimizer, lr_at, pick_device, train_step, warm_up
+from mdlm_golf.optim import build_optimizer
+from mdlm_golf.train import build_objective, lr_factor, pick_device, train_step, warm_up
 
 from machine import cpu_model  # bench/machine.py; the script's folder is on sys.path
 
@@ -206,7 +207,7 @@ def time_training(cfg: Config, args, source: CountingRows) -> tuple[dict, MDLM]:
 
     def step(i: int) -> torch.Tensor:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(i, cfg)
+            group["lr"] = group["base_lr"] * lr_factor(i, cfg)
         return train_step(objective, model, optimizer, source, cfg, i, env, autocast)
 
     began = time.perf_counter()

@@ -1,11 +1,13 @@
 """Packed rows with per-document attention give exactly the padded layout's loss on the same documents."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from mdlm_golf.config import BOS_ID, build_config
-from mdlm_golf.diffusion import Noise, Tokens, diffusion_loss, document_ids
-from mdlm_golf.model import MDLM
+from mdlm_golf.diffusion import Noise, Tokens, diffusion_loss
+from mdlm_golf.model import MDLM, document_ids
 
 SEQ = 32
 DOC_LENGTHS = [[10, 12, 10], [16, 9, 7], [32]]  # three packed rows, each exactly full
@@ -70,8 +72,10 @@ def test_packed_layout_loss_equals_padded_layout_loss():
     torch.testing.assert_close(out_packed.weighted_sum, out_padded.weighted_sum, rtol=1e-5, atol=1e-4)
 
     # and the masking matters: full attention across the packed documents changes the loss
+    streaming = MDLM(dataclasses.replace(model.cfg, layout="stream")).eval()
+    streaming.load_state_dict(model.state_dict())
     with torch.no_grad():
-        leaky = diffusion_loss(model, packed, tokens, 1e-3, "stream",
+        leaky = diffusion_loss(streaming, packed, tokens, 1e-3, "stream",
                                Noise(row_t, torch.where(packed == BOS_ID, 2.0, packed_u),
                                      torch.ones_like(packed_u)))
     assert leaky.scored > out_packed.scored  # stream scores BOS positions too (none masked here)

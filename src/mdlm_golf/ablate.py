@@ -23,7 +23,7 @@ import numpy as np
 from .checkpoint import load_model, run_checkpoint
 from .config import Config, field_types, parse_value
 from .data import ByteTable, load_split, load_tokenizer
-from .evaluate import evaluate
+from .evaluate import evaluate, headline
 from .files import atomic_path, write_text_atomic
 from .train import pick_device, train
 
@@ -103,11 +103,12 @@ def run_record(run: Run, out_dir: Path) -> dict:
     """One run's row of ablation.json, read back from its folder."""
     summary = json.loads((run.run_dir / SUMMARY_NAME).read_text())
     results = json.loads((run.run_dir / "eval.json").read_text())
-    return {"value": run.value, "seed": run.seed, "strict_bpb": results["strict"]["bpb"],
-            "anchored_bpb": results["anchored"]["bpb"],
+    main = headline(results)  # an AR run has one exact figure: it stands in both columns
+    return {"value": run.value, "seed": run.seed, "strict_bpb": main["bpb"], "kind": main["kind"],
+            "anchored_bpb": results.get("anchored", main)["bpb"], "tokens": summary["tokens"],
             "final_loss": summary["losses"][-1] if summary["losses"] else None,
             "steps": summary["steps"], "num_params": summary["num_params"],
-            "train_seconds": summary["train_seconds"], "eval_seconds": results["strict"]["eval_seconds"],
+            "train_seconds": summary["train_seconds"], "eval_seconds": main["eval_seconds"],
             "run_dir": str(run.run_dir.relative_to(out_dir))}
 
 

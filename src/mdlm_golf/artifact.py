@@ -32,6 +32,21 @@ LIMIT_BYTES = 16_000_000  # decimal: the challenge's cap on code + compressed we
 
 FORMAT_BITS = {"int8": 8, "int6": 6, "int5": 5, "int4": 4, "fp16": 16}
 GROUPS = ("embed", "attn", "mlp", "head", "adaln")
+# `export --quant auto` candidates, most precise first. Each step lowers some groups and raises none, so
+# every model's size falls step by step; embed and head (few params, most sensitive) stay high longest.
+AUTO_SPECS = (
+    "int8",
+    "embed=int8,head=int8,attn=int6,mlp=int6,adaln=int8",
+    "embed=int8,head=int8,attn=int6,mlp=int6,adaln=int6",
+    "embed=int8,head=int8,attn=int6,mlp=int5,adaln=int6",
+    "embed=int8,head=int8,attn=int5,mlp=int5,adaln=int5",
+    "embed=int8,head=int8,attn=int5,mlp=int4,adaln=int5",
+    "embed=int6,head=int6,attn=int5,mlp=int4,adaln=int5",
+    "embed=int6,head=int6,attn=int5,mlp=int4,adaln=int4",
+    "embed=int6,head=int6,attn=int4,mlp=int4,adaln=int4",
+    "int4",
+)
+AUTO_MIN_MARGIN = 100_000  # bytes auto leaves spare under the limit
 COMPRESSORS = ("zlib", "lzma", "zstd", "brotli")
 METHODS = ("rtn", "gptq")
 # Tensors under this many values stay fp16: their scales would cost more than they save
@@ -613,33 +628,120 @@ def size_report(qtensors: list[QuantTensor], meta: dict, artifact_bytes: int, *,
             "fits": total <= limit}
 
 
+SpecQuantizer = Callable[[str], list[QuantTensor]]
+
+
+def spec_quantizer(state: dict[str, torch.Tensor], cfg: Config, *, small_numel: int = SMALL_NUMEL,
+                   hessians: dict[str, torch.Tensor] | None = None) -> SpecQuantizer:
+    """quantize_state_dict as a function of the spec, quantizing each (tensor, format) pair only once."""
+    rows, hessians, cache = trimmed_rows(cfg), hessians or {}, {}
+
+    def quantize(spec: str) -> list[QuantTensor]:
+        groups, out = parse_spec(spec), []
+        for name, t in state.items():
+            fmt = tensor_format(name, t, groups, small_numel)
+            if (name, fmt) not in cache:
+                cache[name, fmt] = quantize_tensor(name, t, fmt, rows.get(name), hessians.get(name))
+            out.append(cache[name, fmt])
+        return out
+    return quantize
+
+
+def build_artifact(quantize: SpecQuantizer, cfg: Config, spec: str, *, compressor: str = "best",
+                   packed: bool | None = None, method: str = "rtn", small_numel: int = SMALL_NUMEL,
+                   extra: dict | None = None, code_paths: Iterable[Path] | None = None,
+                   limit: int = LIMIT_BYTES, attribute: bool = True) -> tuple[bytes, dict]:
+    """One spec's artifact bytes (in memory, not written) and size report."""
+    qtensors = quantize(spec)
+    data, meta = encode_artifact(qtensors, cfg, spec, compressor=compressor, packed=packed, method=method,
+                                 small_numel=small_numel, extra=extra)
+    return data, size_report(qtensors, meta, len(data), code_paths=code_paths, limit=limit, attribute=attribute)
+
+
+def choose_spec(quantize: SpecQuantizer, cfg: Config, *, specs: Iterable[str] = AUTO_SPECS,
+                min_margin: int = AUTO_MIN_MARGIN, limit: int = LIMIT_BYTES, attribute: bool = True,
+                **options) -> tuple[bytes, dict]:
+    """The first spec whose total leaves >= min_margin under limit (else the last tried): (bytes, report).
+
+    A spec that quantizes every tensor as an earlier one did (it differs only in a group the model
+    lacks or whose tensors all stay fp16) is skipped: it would give the same artifact.
+    `options` go to build_artifact (compressor, packed, method, small_numel, extra, code_paths).
+    """
+    tried, seen, skipped, best = [], set(), [], None
+    for spec in specs:
+        formats = tuple((qt.name, qt.format) for qt in quantize(spec))
+        if formats in seen:
+            skipped.append(spec)
+            continue
+        seen.add(formats)
+        data, report = build_artifact(quantize, cfg, spec, limit=limit, attribute=False, **options)
+        tried.append({"spec": spec, "total_bytes": report["total_bytes"], "margin": report["margin_bytes"]})
+        best = (spec, data, report)
+        if report["margin_bytes"] >= min_margin:
+            break
+    if best is None:
+        raise ValueError("quant auto: no candidate specs")
+    spec, data, report = best
+    if attribute:  # per-group compression, for the chosen spec only
+        report["groups"] = group_table(quantize(spec), report["packed"], report["compressor"])
+    report.update(spec_requested="auto", min_margin=min_margin, auto_tried=tried, auto_skipped=skipped)
+    return data, report
+
+
+def export_hessians(model: torch.nn.Module, cfg: Config, method: str, calib_data: Path | None,
+                    calib_batches: int, calib_rows: int) -> dict[str, torch.Tensor] | None:
+    """GPTQ's Hessians from calibration batches of the train shards; None for rtn."""
+    if method not in METHODS:
+        raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
+    if method != "gptq":
+        return None
+    if calib_data is None:
+        raise ValueError("method 'gptq' needs calibration data (a folder with fineweb_train_*.bin)")
+    from .data import read_shard, shard_paths
+
+    train_tokens = read_shard(shard_paths(calib_data, "train")[0], cfg.vocab_size)
+    return collect_hessians(model, calibration_batches(cfg, train_tokens, calib_batches, calib_rows, seed=cfg.seed))
+
+
+def oversize_message(out_path: Path, report: dict) -> str:
+    """One line: by how much code + artifact misses the limit (or, for auto, the required margin)."""
+    sizes = (f"code {report['code_bytes']:,} + artifact {report['artifact_bytes']:,} = "
+             f"{report['total_bytes']:,} bytes")
+    if report.get("spec_requested") == "auto":
+        return (f"{out_path}: quant auto: no spec leaves {report['min_margin']:,} bytes under the "
+                f"{report['limit_bytes']:,}-byte limit; the least precise, {report['spec']}, totals {sizes} "
+                f"(margin {report['margin_bytes']:,}); not written (allow oversize to write it anyway)")
+    return (f"{out_path}: {sizes} exceeds the {report['limit_bytes']:,}-byte limit by "
+            f"{-report['margin_bytes']:,}; not written (allow oversize to write it anyway)")
+
+
 def export_artifact(checkpoint_path: Path, out_path: Path, spec: str, compressor: str = "best", *,
                     method: str = "rtn", packed: bool | None = None, small_numel: int = SMALL_NUMEL,
                     calib_data: Path | None = None, calib_batches: int = 8, calib_rows: int = 8,
                     code_paths: Iterable[Path] | None = None, limit: int = LIMIT_BYTES,
-                    allow_oversize: bool = False, attribute: bool = True) -> dict:
-    """Quantize a checkpoint, compress it, refuse if code + artifact > limit, write atomically; the size report."""
+                    allow_oversize: bool = False, attribute: bool = True,
+                    min_margin: int = AUTO_MIN_MARGIN) -> dict:
+    """Quantize a checkpoint, compress it, refuse if code + artifact > limit, write atomically; the size report.
+
+    spec "auto" takes the first of AUTO_SPECS that leaves >= min_margin bytes under the limit.
+    """
     from .checkpoint import load_model
 
     model, cfg, state = load_model(checkpoint_path)
-    calibration = None
-    if method == "gptq":
-        if calib_data is None:
-            raise ValueError("method 'gptq' needs calibration data (a folder with fineweb_train_*.bin)")
-        from .data import read_shard, shard_paths
-
-        train_tokens = read_shard(shard_paths(calib_data, "train")[0], cfg.vocab_size)
-        calibration = calibration_batches(cfg, train_tokens, calib_batches, calib_rows, seed=cfg.seed)
-    qtensors = quantize_model(model, spec, method=method, small_numel=small_numel, calibration=calibration)
-    data, meta = encode_artifact(qtensors, cfg, spec, compressor=compressor, packed=packed, method=method,
-                                 small_numel=small_numel, extra={"tokenizer": state.get("tokenizer")})
-    report = size_report(qtensors, meta, len(data), code_paths=code_paths, limit=limit, attribute=attribute)
+    hessians = export_hessians(model, cfg, method, calib_data, calib_batches, calib_rows)
+    quantize = spec_quantizer(model.state_dict(), cfg, small_numel=small_numel, hessians=hessians)
+    options = dict(compressor=compressor, packed=packed, method=method, small_numel=small_numel,
+                   extra={"tokenizer": state.get("tokenizer")}, code_paths=code_paths, limit=limit,
+                   attribute=attribute)
+    if spec == "auto":
+        data, report = choose_spec(quantize, cfg, min_margin=min_margin, **options)
+        short = report["margin_bytes"] < min_margin
+    else:
+        data, report = build_artifact(quantize, cfg, spec, **options)
+        short = not report["fits"]
     report["artifact"] = str(out_path)
-    if not report["fits"] and not allow_oversize:
-        raise OversizeError(
-            f"{out_path}: code {report['code_bytes']:,} + artifact {len(data):,} = {report['total_bytes']:,} "
-            f"bytes exceeds the {limit:,}-byte limit by {-report['margin_bytes']:,}; not written "
-            f"(allow oversize to write it anyway)", report)
+    if short and not allow_oversize:
+        raise OversizeError(oversize_message(Path(out_path), report), report)
     write_bytes_atomic(Path(out_path), data)
     return report
 
@@ -648,6 +750,7 @@ def format_size_table(report: dict) -> str:
     """The report as a table: groups, then artifact, code, total, limit and margin."""
     lines = [f"spec {report['spec']} | method {report['method']} | compressor {report['compressor']} | "
              f"{'bit-packed' if report['packed'] else 'one code per byte'}",
+             *auto_lines(report),
              f"{'group':8s} {'formats':>12s} {'params':>12s} {'fp32 bytes':>13s} {'quant bytes':>13s} "
              f"{'compressed*':>13s}"]
     for r in report["groups"] + [total_row(report["groups"])]:
@@ -668,6 +771,14 @@ def format_size_table(report: dict) -> str:
               f"{'limit':28s} {report['limit_bytes']:>12,}",
               f"{'margin':28s} {report['margin_bytes']:>12,}  ({verdict})"]
     return "\n".join(lines)
+
+
+def auto_lines(report: dict) -> list[str]:
+    """For spec auto: which spec it chose, and every spec it tried with its total bytes."""
+    if report.get("spec_requested") != "auto":
+        return []
+    tried = ", ".join(f"{t['spec']} {t['total_bytes']:,}" for t in report["auto_tried"])
+    return [f"quant auto chose {report['spec']} (tried: {tried}; needs margin >= {report['min_margin']:,})"]
 
 
 def total_row(groups: list[dict]) -> dict:

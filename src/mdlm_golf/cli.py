@@ -70,6 +70,16 @@ def cmd_ablate(args: argparse.Namespace) -> None:
            Path(args.out), tokenizer_for(Path(args.data), args.tokenizer))
 
 
+def cmd_race(args: argparse.Namespace) -> None:
+    from .race import RECIPES, parse_recipe, race
+
+    base = build_config(args.preset, overrides=config_overrides(args))
+    seeds = [parse_value("seed", s) for s in args.seeds.split(",")]
+    names = args.recipes.split(",") if args.recipes else ([] if args.recipe else list(RECIPES))
+    recipes = dict(parse_recipe(text) for text in [*names, *(args.recipe or [])])
+    race(base, recipes, seeds, Path(args.data), Path(args.out), tokenizer_for(Path(args.data), args.tokenizer))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .checkpoint import load_model, run_checkpoint
     from .data import ByteTable, load_split, load_tokenizer
@@ -253,7 +263,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(text)
     print(f"--- {result.generated_tokens} tokens generated in {result.elapsed:.2f}s: "
           f"{result.tokens_per_s:,.1f} tokens/s | {result.nfe} network evaluations for {args.steps} steps "
-          f"(per sample {result.row_nfe}) | {result.positions:,} positions | {args.sampler} on {device}")
+          f"(per sample {result.row_nfe}) | {result.positions:,} positions | "
+          f"{'left-to-right (AR)' if cfg.objective == 'ar' else args.sampler} on {device}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,7 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("eval", help="ELBO bits per byte of a trained run on the val split")
+    p = sub.add_parser("race", help="several recipes, AR included, at equal tokens: table and bpb curves")
+    p.add_argument("--recipes", default=None,
+                   help="comma-separated built-in recipes (default: all of them: today, ar, muon, "
+                        "no-time-cond, ema, anchor, best)")
+    p.add_argument("--recipe", action="append", metavar="NAME:FIELD=VALUE,...",
+                   help="a recipe of your own (repeatable), e.g. wide:model_dim=192,num_heads=3")
+    p.add_argument("--seeds", default="1,2", help="comma-separated seeds (default 1,2)")
+    p.add_argument("--data", required=True, help="folder with fineweb_{train,val}_*.bin")
+    p.add_argument("--tokenizer", help="SentencePiece model (default: the one in DATA/manifest.json)")
+    p.add_argument("--out", required=True, help="folder for runs/, race.json, race.md, race.png; rerun to resume")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="base config, as for train")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_race)
+
+    p = sub.add_parser("eval", help="bits per byte of a trained run on the val split (ELBO, or exact for AR)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", "--run-dir", dest="run",
                         help="run folder (holds model.pt); spell it --run-dir under torchrun, whose own "
@@ -334,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="quantize and compress a run into the artifact the 16 MB rule counts")
     p.add_argument("--run", required=True, help="run folder (holds model.pt)")
     p.add_argument("--out", required=True, help="artifact file to write")
-    p.add_argument("--quant", default="int8",
-                   help="format per group: 'int6' or 'embed=int8,attn=int6,mlp=int6,head=int8,adaln=int8' "
+    p.add_argument("--quant", default="auto",
+                   help="auto (default: the most precise spec that fits with >= 100 KB to spare), or a "
+                        "format per group: 'int6' or 'embed=int8,attn=int6,mlp=int6,head=int8,adaln=int8' "
                         "(groups embed attn mlp head adaln; formats int8 int6 int5 int4 fp16)")
     p.add_argument("--compressor", choices=("zlib", "lzma", "zstd", "brotli", "best"), default="best",
                    help="best = try each installed one and keep the smallest")

@@ -38,7 +38,7 @@ import torch
 from .config import BOS_ID, Config
 from .diffusion import Tokens
 from .files import write_bytes_atomic
-from .planned import ORDERS, Schedule, check_order, masked_start, run_planned
+from .planned import ORDERS, Schedule, check_order, masked_start, require_mdlm, run_planned
 
 MAGIC = b"MDZ1"
 VERSION = 1
@@ -306,6 +306,7 @@ def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
 
     text_crc and sp are for text files: the text's CRC32, and the tokenizer to fingerprint with the model.
     """
+    require_mdlm(cfg)
     check_order(order)
     if mode not in CODER_MODES:
         raise ValueError(f"mode must be one of {CODER_MODES}, got {mode!r}")
@@ -341,6 +342,7 @@ def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
 
 def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.ndarray]:
     """The header and the decoded token ids, checked against the model fingerprint and the ids CRC."""
+    require_mdlm(cfg)
     header, code = Header.decode(data)
     fingerprint = model_fingerprint(model, cfg, sp)
     if header.fingerprint != fingerprint:

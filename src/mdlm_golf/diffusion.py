@@ -101,17 +101,6 @@ def maskable_positions(x0: torch.Tensor, layout: str, pad_id: int, anchor_mask_p
     return maskable
 
 
-def document_ids(x0: torch.Tensor, layout: str, pad_id: int) -> torch.Tensor | None:
-    """Per-position document number for attention masking (PAD its own), or None for full attention.
-
-    `docs` and `packed` rows keep attention inside each document; `stream` attends across them.
-    """
-    if layout == "stream":
-        return None
-    ids = torch.cumsum(x0 == BOS_ID, dim=1)
-    return torch.where(x0 == pad_id, -1, ids)
-
-
 def mask_tokens(x0: torch.Tensor, p_mask: torch.Tensor, maskable: torch.Tensor, mask_id: int,
                 mask_u: Uniforms) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask each maskable position of row b with probability p_mask[b]; returns (x_t, masked)."""
@@ -173,29 +162,11 @@ def diffusion_loss(model, x0: torch.Tensor, tokens: Tokens, eps: float, layout: 
     t = noise.t.to(x0.device)
     maskable = maskable_positions(x0, layout, tokens.pad, anchor_mask_prob, noise.anchor_u)
     x_t, masked = mask_tokens(x0, 1.0 - alpha(t, eps), maskable, tokens.mask, noise.mask_u)
-    logits = model(x_t, sigma(t, eps), document_ids(x0, layout, tokens.pad))
+    logits = model(x_t, sigma(t, eps))  # documents are read from the BOS tokens visible in x_t
     weighted = masked_nll(logits, x0, tokens) * elbo_weight(t, eps)[:, None]
     weighted_sum = torch.where(masked, weighted, 0.0).sum()  # 0 * inf would be NaN at visible positions
     scored = maskable.sum()
     return LossOutput(weighted_sum / scored.clamp(min=1), weighted_sum, scored, masked.sum())
-
-
-class Objective(torch.nn.Module):
-    """The denoiser and its loss as one module: torch.compile fuses the loss into the model's graph
-    (one cross-entropy pass over the logits) and DDP wraps a single thing."""
-
-    def __init__(self, model: torch.nn.Module, tokens: Tokens, eps: float, layout: str,
-                 anchor_mask_prob: float):
-        super().__init__()
-        self.model, self.tokens, self.eps = model, tokens, eps
-        self.layout, self.anchor_mask_prob = layout, anchor_mask_prob
-
-    def forward(self, x0: torch.Tensor, t: torch.Tensor, mask_u: torch.Tensor,
-                anchor_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of weighted masked NLL, scored positions) of one micro-batch."""
-        out = diffusion_loss(self.model, x0, self.tokens, self.eps, self.layout,
-                             Noise(t, mask_u, anchor_u), self.anchor_mask_prob)
-        return out.weighted_sum, out.scored
 
 
 # ---------------------------------------------------------------- discrete-time ELBO

@@ -1,4 +1,5 @@
-"""Bidirectional transformer denoiser: RoPE, QK-norm, ReLU^2 MLP, adaLN on the noise level."""
+"""The transformer: RoPE, QK-norm, ReLU^2 MLP; bidirectional with adaLN on the noise level (the MDLM
+denoiser), bidirectional without it (time_cond false), or causal (the autoregressive yardstick)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import BOS_ID, Config
 
 try:  # FlexAttention: torch >= 2.5; without it document masking falls back to an SDPA mask
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -63,22 +64,43 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def document_mask(doc_ids: torch.Tensor | None, use_flex: bool) -> AttentionMask:
-    """Attention only between positions of the same document: block-diagonal, never wasted on PAD.
+def document_ids(x: torch.Tensor, layout: str, pad_id: int) -> torch.Tensor | None:
+    """Per-position document number from the BOS tokens *visible in x* (PAD -1), or None (stream).
+
+    Computed from the model's input, never from the clean tokens: a masked BOS merges its two
+    documents, so attention cannot reveal where a hidden boundary was, and training, evaluation and
+    sampling all see the same rule.
+    """
+    if layout == "stream":
+        return None
+    ids = torch.cumsum(x == BOS_ID, dim=1)
+    return torch.where(x == pad_id, -1, ids)
+
+
+def document_mask(doc_ids: torch.Tensor | None, use_flex: bool, causal: bool = False,
+                  length: int = 0) -> AttentionMask:
+    """Attention only between positions of the same document (and, if causal, to earlier ones).
 
     With FlexAttention (CUDA) fully masked blocks are skipped, so packed rows cost what their
     documents cost; the SDPA fallback (CPU) materializes the [B, 1, L, L] boolean mask and lets
     PAD attend to PAD (an all-masked row would give NaN there; PAD outputs are never scored).
     """
-    if doc_ids is None:
+    if doc_ids is None and not causal:
         return None
-    if use_flex and BlockMask is not None:
+    if use_flex and BlockMask is not None and doc_ids is not None:
         def same_document(b, h, q_idx, kv_idx):  # PAD (-1) attends nowhere: its blocks are skipped
-            return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (doc_ids[b, kv_idx] >= 0)
+            keep = (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (doc_ids[b, kv_idx] >= 0)
+            return keep & (kv_idx <= q_idx) if causal else keep
 
         batch, length = doc_ids.shape
         return create_block_mask(same_document, batch, None, length, length, device=doc_ids.device)
-    return (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1)
+    mask = None if doc_ids is None else (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1)
+    if causal:
+        length = doc_ids.size(1) if doc_ids is not None else length
+        device = doc_ids.device if doc_ids is not None else None
+        lower = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        mask = lower if mask is None else mask & lower
+    return mask
 
 
 class Attention(nn.Module):
@@ -111,14 +133,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm residual block; with a noise condition, adaLN shifts, scales and gates both halves."""
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.adaln = nn.Linear(cfg.cond_dim, 6 * cfg.model_dim)  # shift/scale/gate for both halves
+        # shift/scale/gate for both halves; absent without a noise condition
+        self.adaln = nn.Linear(cfg.cond_dim, 6 * cfg.model_dim) if cfg.noise_conditioned else None
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor],
                 attn_mask: AttentionMask) -> torch.Tensor:
+        if self.adaln is None:
+            x = x + self.attn(F.rms_norm(x, (x.size(-1),)), rotary, attn_mask)
+            return x + self.mlp(F.rms_norm(x, (x.size(-1),)))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond).chunk(6, dim=-1)
         h = modulate(F.rms_norm(x, (x.size(-1),)), shift1, scale1)
         x = x + gate1[:, None] * self.attn(h, rotary, attn_mask)
@@ -127,16 +155,22 @@ class Block(nn.Module):
 
 
 class MDLM(nn.Module):
-    """x_t [B, L] token ids (with MASK/PAD) and sigma [B] -> logits [B, L, vocab+2]."""
+    """x_t [B, L] token ids (with MASK/PAD) and sigma [B] -> logits [B, L, vocab+2].
+
+    Attention stays inside the documents delimited by the BOS tokens visible in the input
+    (layouts docs and packed), and is causal for the autoregressive objective.
+    """
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
+        self.causal = cfg.objective == "ar"
         self.embed = nn.Embedding(cfg.embed_rows, cfg.model_dim)
-        self.noise = NoiseEmbedding(cfg.cond_dim)
+        conditioned = cfg.noise_conditioned
+        self.noise = NoiseEmbedding(cfg.cond_dim) if conditioned else None
         self.rotary = Rotary(cfg.model_dim // cfg.num_heads)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.final_adaln = nn.Linear(cfg.cond_dim, 2 * cfg.model_dim)
+        self.final_adaln = nn.Linear(cfg.cond_dim, 2 * cfg.model_dim) if conditioned else None
         self.head = nn.Linear(cfg.model_dim, cfg.embed_rows, bias=False)
         self.use_flex = False  # set by the trainer when the model is compiled on CUDA
         self.reset_parameters()
@@ -148,25 +182,32 @@ class MDLM(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         nn.init.normal_(self.embed.weight, std=0.02)
-        for block in self.blocks:  # adaLN-zero: every block starts as the identity
-            nn.init.zeros_(block.adaln.weight)
-            nn.init.zeros_(block.adaln.bias)
-        nn.init.zeros_(self.final_adaln.weight)
-        nn.init.zeros_(self.final_adaln.bias)
+        for module in [*(b.adaln for b in self.blocks), self.final_adaln]:
+            if module is not None:  # adaLN-zero: every block starts as the identity
+                nn.init.zeros_(module.weight)
+                nn.init.zeros_(module.bias)
+        if self.noise is None:  # plain residual blocks: output projections scaled down with depth (GPT-2)
+            for block in self.blocks:
+                for out in (block.attn.proj, block.mlp.down):
+                    nn.init.normal_(out.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
         nn.init.zeros_(self.head.weight)  # uniform prediction at initialization
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor,
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """doc_ids [B, L] (optional): attention stays within positions of equal id."""
-        attn_mask = document_mask(doc_ids, use_flex=self.use_flex and x_t.is_cuda)
+        """doc_ids [B, L] (optional) override the documents read from x_t's visible BOS tokens."""
+        if doc_ids is None:
+            doc_ids = document_ids(x_t, self.cfg.layout, self.cfg.pad_id)
+        attn_mask = document_mask(doc_ids, self.use_flex and x_t.is_cuda, self.causal, x_t.size(1))
         x = self.embed(x_t)
-        cond = F.silu(self.noise(sigma))
+        cond = F.silu(self.noise(sigma)) if self.noise is not None else None
         rotary = self.rotary(x_t.size(1), x_t.device)
         for block in self.blocks:
             x = block(x, cond, rotary, attn_mask)
-        shift, scale = self.final_adaln(cond).chunk(2, dim=-1)
-        x = modulate(F.rms_norm(x, (x.size(-1),)), shift, scale)
+        x = F.rms_norm(x, (x.size(-1),))
+        if self.final_adaln is not None:
+            shift, scale = self.final_adaln(cond).chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
         return self.head(x)[..., : self.cfg.num_real_rows]

@@ -75,6 +75,13 @@ class Schedule:
         return f"{self.passes} passes"
 
 
+def require_mdlm(cfg: Config) -> None:
+    """Planned-order decoding (and the coder built on it) needs a masked-diffusion model."""
+    if cfg.objective != "mdlm":
+        raise ValueError(f"planned-order decoding needs an MDLM; this model's objective is {cfg.objective!r} "
+                         f"(its `eval` is already the exact chain-rule code length)")
+
+
 def check_order(order: str) -> None:
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
@@ -188,6 +195,7 @@ def evaluate_planned(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: 
     Same slices, bytes and distributed split as evaluate.evaluate: rank r takes slices r, r + world,
     ...; bits, tokens, bytes and network evaluations are summed over ranks in float64.
     """
+    require_mdlm(cfg)
     schedule = Schedule(tokens_per_pass, passes)
     check_order(order)
     device = device or next(model.parameters()).device

@@ -107,9 +107,11 @@ def generate(model, cfg: Config, *, num: int, length: int, steps: int, sampler: 
     opts = SampleOptions(num, length, steps, sampler, tuple(int(t) for t in prompt_ids or ()),
                          float(temperature), float(top_p), int(seed))
     opts.check(cfg)
+    if cfg.objective == "ar":
+        return generate_left_to_right(model, cfg, opts, torch.device(device))
     tokens, device = Tokens(cfg.vocab_size), torch.device(device)
     x = initial_canvas(opts, tokens).to(device)
-    generators = [torch.Generator().manual_seed((opts.seed * 1_000_003 + i) % 2**63) for i in range(num)]
+    generators = row_generators(opts)
     weights = reveal_weights(steps, cfg.noise_eps).tolist()  # weights[k - 1]: reveal chance at step k
     sigmas = sigma(torch.arange(steps + 1, dtype=torch.float64) / steps, cfg.noise_eps).tolist()
     nfe, row_nfe, positions, widths = 0, torch.zeros(num, dtype=torch.long), 0, []
@@ -137,6 +139,42 @@ def generate(model, cfg: Config, *, num: int, length: int, steps: int, sampler: 
         canvas = x.cpu()
     elapsed = time.perf_counter() - start
     assert not bool((canvas == tokens.mask).any()), "a MASK survived the last step"
+    rows_out = [row[: first_pad(row, tokens)].tolist() for row in canvas]
+    generated = sum(len(r) - 1 - len(opts.prompt_ids) for r in rows_out)
+    return SampleResult(rows_out, canvas, opts, nfe, row_nfe.tolist(), positions, generated, elapsed, widths)
+
+
+def row_generators(opts: SampleOptions) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed((opts.seed * 1_000_003 + i) % 2**63) for i in range(opts.num)]
+
+
+def generate_left_to_right(model, cfg: Config, opts: SampleOptions, device: torch.device) -> SampleResult:
+    """An autoregressive model's samples: one token per forward, each row until its document ends.
+
+    The canvas is the diffusion samplers' (BOS, prompt, MASK...), filled left to right; a row whose
+    new token is BOS or EOS is closed (PAD from there) and leaves the batch. `steps` is not used.
+    """
+    tokens = Tokens(cfg.vocab_size)
+    x = initial_canvas(opts, tokens).to(device)
+    generators = row_generators(opts)
+    nfe, row_nfe, positions, widths = 0, torch.zeros(opts.num, dtype=torch.long), 0, []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for pos in range(1 + len(opts.prompt_ids), opts.length):
+            live = (x[:, pos] == tokens.mask).cpu()
+            if not bool(live.any()):
+                break  # every row has ended its document
+            index = live.nonzero().squeeze(1)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(x[index.to(device), :pos])[:, -1]
+            ids, _ = sample_tokens(logits, live.long().tolist(), generators, opts.temperature, opts.top_p, tokens)
+            x[index.to(device), pos] = ids
+            x = close_documents(x, tokens)
+            nfe, positions = nfe + 1, positions + index.numel() * pos
+            row_nfe += live.long()
+            widths.append(pos)
+        canvas = x.cpu()
+    elapsed = time.perf_counter() - start
     rows_out = [row[: first_pad(row, tokens)].tolist() for row in canvas]
     generated = sum(len(r) - 1 - len(opts.prompt_ids) for r in rows_out)
     return SampleResult(rows_out, canvas, opts, nfe, row_nfe.tolist(), positions, generated, elapsed, widths)

@@ -11,8 +11,8 @@ from .files import write_text_atomic
 
 PACKAGE = Path(__file__).resolve().parent
 # the modules the standalone script needs, in dependency order (no CLI, no download, no demo)
-SCRIPT_MODULES = ("files", "config", "data", "model", "diffusion", "dist", "loader", "checkpoint", "evaluate",
-                  "train", "artifact")
+SCRIPT_MODULES = ("files", "config", "data", "model", "diffusion", "objective", "dist", "loader", "checkpoint",
+                  "evaluate", "optim", "train", "artifact")
 SCRIPT_NAME = "train_mdlm.py"
 
 SCRIPT_MAIN = '''

@@ -21,11 +21,13 @@ from .checkpoint import CheckpointError, read_checkpoint, run_checkpoint, save_c
 from .config import BOS_ID, Config, config_from_dict
 from .files import write_text_atomic
 from .data import ByteTable, load_split, load_tokenizer, shard_paths
-from .diffusion import Noise, Objective, Tokens, draw_noise, maskable_positions
+from .diffusion import Noise, draw_noise
 from .dist import DistEnv, all_reduce_sum, barrier, dist_backend_needs_device, init_distributed, to_device
-from .evaluate import evaluate, format_result
+from .evaluate import HEADLINE_MODES, evaluate, format_result, headline
 from .loader import ShardedLoader
 from .model import MDLM
+from .objective import Objective, scored_count
+from .optim import Optimizers, WeightEMA, build_optimizer
 
 CHECKPOINT_NAME = "checkpoint.pt"  # training state for --resume; model.pt holds the final weights
 # fields a resumed run may change: how long and how it logs, not what it trains
@@ -37,24 +39,23 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup, constant, then cosine warmdown to 0.1x over the last warmdown_steps."""
+def progress(step: int, cfg: Config, elapsed: float) -> float:
+    """Fraction of the run done after this step: of the steps, or of the wall-clock budget if that
+    runs out first, so a capped run always completes its warmdown."""
+    done = (step + 1) / cfg.steps
+    return max(done, elapsed / cfg.max_wallclock) if cfg.max_wallclock else done
+
+
+def lr_factor(step: int, cfg: Config, elapsed: float = 0.0) -> float:
+    """Linear warmup over warmup_steps, constant, then cosine warmdown to 0.1x over the last
+    warmdown_steps / steps of the run's progress (steps, or seconds under --max-wallclock)."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    into_warmdown = step - (cfg.steps - cfg.warmdown_steps)
-    if cfg.warmdown_steps <= 0 or into_warmdown < 0:
-        return cfg.lr
-    progress = min(1.0, (into_warmdown + 1) / cfg.warmdown_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def build_optimizer(model: MDLM, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm-free biases and embeddings excluded)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("embed")]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+        return (step + 1) / cfg.warmup_steps
+    warmdown = min(1.0, cfg.warmdown_steps / cfg.steps)
+    into = progress(step, cfg, elapsed) - (1.0 - warmdown)
+    if warmdown <= 0 or into < 0:
+        return 1.0
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, into / warmdown)))
 
 
 def git_revision() -> str:
@@ -185,7 +186,7 @@ def resume_config(run_dir: Path, overrides: dict) -> Config:
 def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, run_eval: bool = True,
           resume: bool = False, device: torch.device | None = None,
           echo: Callable[[str], None] = print) -> dict:
-    """Train an MDLM on DIR's train shards (one process or torchrun), save RUN/model.pt, evaluate."""
+    """Train on DIR's train shards (one process or torchrun), save RUN/model.pt, evaluate."""
     env = init_distributed(device)
     device = env.device
     cfg = cfg.for_world(env.world_size)
@@ -194,7 +195,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
         out_dir.mkdir(parents=True, exist_ok=True)
     state = read_checkpoint(out_dir / CHECKPOINT_NAME) if resume else None
     byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer_path), cfg.vocab_size)
-    val_tokens = load_split(data_dir, "val", cfg.vocab_size) if run_eval else None
+    val_tokens = load_split(data_dir, "val", cfg.vocab_size) if run_eval or cfg.val_every else None
     loader = ShardedLoader(shard_paths(data_dir, "train"), cfg.seq_len, cfg.layout, cfg.pad_id,
                            cfg.vocab_size, cfg.seed, shards_per_group=cfg.shards_per_group,
                            batches_per_group=cfg.batches_per_group or None, rank=env.rank,
@@ -203,13 +204,14 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     torch.manual_seed(cfg.seed)
     model = MDLM(cfg).to(device)
     optimizer = build_optimizer(model, cfg, device)
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
     start_step, trained_seconds = 0, 0.0
     if state is not None:
         if state.get("world_size", 1) != env.world_size and not cfg.global_batch_rows:
             raise CheckpointError(f"{out_dir / CHECKPOINT_NAME}: saved by {state.get('world_size', 1)} "
                                   f"process(es), resumed by {env.world_size}: that would change the global "
                                   f"batch; resume with the same count or set --global-batch-rows")
-        restore_training_state(state, model, optimizer, loader, out_dir / CHECKPOINT_NAME)
+        restore_training_state(state, model, optimizer, ema, loader, out_dir / CHECKPOINT_NAME)
         start_step, trained_seconds = state["step"], state["train_seconds"]
     objective = build_objective(model, cfg, env)
 
@@ -231,9 +233,19 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
             save_checkpoint(out_dir / CHECKPOINT_NAME, model, cfg, step=done, train_seconds=seconds,
                             world_size=env.world_size,
                             optimizer=optimizer.state_dict(), loader=loader.state_dict(),
+                            ema=ema.state_dict() if ema else None,
                             rng={"torch": torch.get_rng_state()},
                             tokenizer=str(Path(tokenizer_path).resolve()))
         barrier()
+
+    def validate(done: int, elapsed: float) -> None:
+        """The run's own eval on the weights that would ship, off the training clock, to metrics.jsonl."""
+        results = evaluate(shipped_model(model, ema), val_tokens, byte_table, cfg, steps=cfg.elbo_steps,
+                           num_seqs=cfg.eval_num_seqs, seed=cfg.seed, modes=HEADLINE_MODES)
+        r = headline(results)
+        log.line(f"val step {done}: {format_result(r)}")
+        log.record(step=done, val_bpb=r["bpb"], val_kind=r["kind"],
+                   tokens=done * cfg.tokens_per_step * env.world_size, elapsed_s=elapsed)
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if cfg.compile:
@@ -244,20 +256,23 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     first_bad_step = torch.zeros((), device=device, dtype=torch.long)
     losses: list[float] = []
-    stop_reason, done = f"reached {cfg.steps} steps", start_step
+    stop_reason, done, agreed_elapsed = f"reached {cfg.steps} steps", start_step, trained_seconds
     with StopSignal() as stop_signal:
         for step in range(start_step, cfg.steps):
-            lr = lr_at(step, cfg)
+            scale = lr_factor(step, cfg, agreed_elapsed)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["base_lr"] * scale
             step_loss = train_step(objective, model, optimizer, loader, cfg, step, env, autocast)
+            if ema:
+                ema.update()
             loss_sum += step_loss
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(step_loss),
                                          step + 1, first_bad_step)
 
             done = step + 1
             elapsed = time.perf_counter() - clock
-            reason = stop_request(cfg, elapsed, stop_signal.requested, device) if done < cfg.steps else None
+            reason, agreed_elapsed = (stop_request(cfg, elapsed, stop_signal.requested, device)
+                                      if done < cfg.steps else (None, elapsed))
             at_checkpoint = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
             if done % cfg.log_every == 0 or done == cfg.steps or at_checkpoint or reason:
                 loss = all_reduce_sum(loss_sum.clone()).item() / (done - last_step)  # the step's host sync
@@ -268,6 +283,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
                                              f"stopped without writing a checkpoint or model")
                 now = time.perf_counter()
                 tok_s = (done - last_step) * cfg.tokens_per_step * env.world_size / (now - last_time)
+                lr = cfg.lr * scale
                 log.line(f"step {done}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
                          f"tok/s {tok_s:,.0f} | elapsed {elapsed:.1f}s")
                 log.record(step=done, loss=loss, lr=lr, tokens_per_s=tok_s, elapsed_s=elapsed,
@@ -275,11 +291,13 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
                 losses.append(loss)
                 loss_sum.zero_()
                 last_time, last_step = now, done
+            paused = time.perf_counter()
+            if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps or reason):
+                validate(done, elapsed)
             if at_checkpoint:
-                paused = time.perf_counter()
                 save_training_checkpoint(done, elapsed)
-                clock += time.perf_counter() - paused
-                last_time += time.perf_counter() - paused
+            clock += time.perf_counter() - paused  # evaluation and checkpoints are off the clock
+            last_time += time.perf_counter() - paused
             log.advance()
             if reason:
                 stop_reason = reason
@@ -288,17 +306,19 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     loader.close()
     log.line(f"stopped at step {done}: {stop_reason}; training time {train_seconds:.1f}s")
     summary = {"steps": done, "train_seconds": train_seconds, "stop_reason": stop_reason,
-               "num_params": model.num_params(), "losses": losses}
+               "num_params": model.num_params(), "losses": losses,
+               "tokens": done * cfg.tokens_per_step * env.world_size}
     if stop_reason.startswith("SIGTERM"):
         save_training_checkpoint(done, train_seconds)
         log.line(f"checkpoint written; continue with: mdlm-golf train --resume {out_dir} --data {data_dir}")
         log.close()
         return summary
+    final = shipped_model(model, ema)
     if env.is_main:
-        save_checkpoint(run_checkpoint(out_dir), model, cfg, step=done,
+        save_checkpoint(run_checkpoint(out_dir), final, cfg, step=done,
                         tokenizer=str(Path(tokenizer_path).resolve()))
     if run_eval:
-        results = evaluate(model, val_tokens, byte_table, cfg, steps=cfg.elbo_steps,
+        results = evaluate(final, val_tokens, byte_table, cfg, steps=cfg.elbo_steps,
                            num_seqs=cfg.eval_num_seqs, seed=cfg.seed)
         for r in results.values():
             log.line("eval " + format_result(r))
@@ -309,10 +329,19 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     return summary
 
 
+def shipped_model(model: MDLM, ema: WeightEMA | None) -> MDLM:
+    """The weights eval, export and sampling use: the EMA's when there is one (a copy), else the model."""
+    if ema is None:
+        return model
+    copy = MDLM(model.cfg).to(next(model.parameters()).device)
+    copy.load_state_dict(ema.averaged_state(model))
+    return copy
+
+
 def build_objective(model: MDLM, cfg: Config, env: DistEnv) -> torch.nn.Module:
     """Model + loss, compiled when cfg.compile (FlexAttention document masks on CUDA), DDP-wrapped
     under torchrun."""
-    objective = Objective(model, Tokens(cfg.vocab_size), cfg.noise_eps, cfg.layout, cfg.anchor_mask_prob)
+    objective = Objective(model, cfg)
     if cfg.compile:
         model.use_flex = env.device.type == "cuda"
         objective = torch.compile(objective)
@@ -321,18 +350,17 @@ def build_objective(model: MDLM, cfg: Config, env: DistEnv) -> torch.nn.Module:
     return objective
 
 
-def train_step(objective: torch.nn.Module, model: MDLM, optimizer: torch.optim.Optimizer,
+def train_step(objective: torch.nn.Module, model: MDLM, optimizer: Optimizers,
                loader: ShardedLoader, cfg: Config, step: int, env: DistEnv, autocast) -> torch.Tensor:
     """One optimizer step over grad_accum micro-batches; returns the step's loss share of this rank
     (a device tensor: reading it is left to the log steps)."""
-    device, pad_id = env.device, cfg.pad_id
+    device = env.device
     noise = step_noise(cfg, step, env.world_size, device)
     batches = [to_device(loader.next_rows(cfg.batch_rows), device) for _ in range(cfg.grad_accum)]
     noises = [noise.rows(global_row_ids(m, cfg.batch_rows, env.rank, env.world_size).to(device))
               for m in range(cfg.grad_accum)]
     # normalize by the scored tokens of the whole global batch, so any split gives one loss
-    scored = sum(maskable_positions(x0, cfg.layout, pad_id, cfg.anchor_mask_prob, n.anchor_u).sum()
-                 for x0, n in zip(batches, noises))
+    scored = sum(scored_count(x0, cfg, n) for x0, n in zip(batches, noises))
     scored = all_reduce_sum(scored.double()).clamp(min=1)
     step_loss = torch.zeros((), device=device, dtype=torch.float64)
     for micro, (x0, n) in enumerate(zip(batches, noises)):
@@ -364,24 +392,30 @@ def warm_up(objective: torch.nn.Module, model: MDLM, cfg: Config, env: DistEnv, 
     return time.perf_counter() - began
 
 
-def stop_request(cfg: Config, elapsed: float, sigterm: bool, device: torch.device) -> str | None:
-    """Why to stop now, agreed by all ranks (any rank's SIGTERM or clock stops every rank)."""
-    flags = torch.tensor([float(sigterm), float(bool(cfg.max_wallclock) and elapsed >= cfg.max_wallclock)],
+def stop_request(cfg: Config, elapsed: float, sigterm: bool, device: torch.device) -> tuple[str | None, float]:
+    """(why to stop now, training seconds), agreed by all ranks: any rank's SIGTERM or clock stops
+    every rank, and the mean clock keys every rank's lr schedule alike under --max-wallclock."""
+    flags = torch.tensor([float(sigterm), float(bool(cfg.max_wallclock) and elapsed >= cfg.max_wallclock),
+                          elapsed, 1.0], dtype=torch.float64,
                          device=device if dist_backend_needs_device() else "cpu")
-    sigterm_any, clock_any = (all_reduce_sum(flags) > 0).tolist()
+    sigterm_any, clock_any, elapsed_sum, ranks = all_reduce_sum(flags).tolist()
+    agreed = elapsed_sum / ranks
     if sigterm_any:
-        return "SIGTERM received"
+        return "SIGTERM received", agreed
     if clock_any:
-        return f"wall-clock cap of {cfg.max_wallclock:g}s reached after {elapsed:.1f}s of training"
-    return None
+        return f"wall-clock cap of {cfg.max_wallclock:g}s reached after {elapsed:.1f}s of training", agreed
+    return None, agreed
 
 
-def restore_training_state(state: dict, model: MDLM, optimizer, loader: ShardedLoader, path: Path) -> None:
-    """Model, optimizer, loader position and RNG from a training checkpoint (one-line errors)."""
+def restore_training_state(state: dict, model: MDLM, optimizer: Optimizers, ema: WeightEMA | None,
+                           loader: ShardedLoader, path: Path) -> None:
+    """Model, optimizer, EMA, loader position and RNG from a training checkpoint (one-line errors)."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
-    except (KeyError, RuntimeError, ValueError) as e:
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0]})") from None
