@@ -248,3 +248,20 @@ def test_race_trains_each_recipe_and_tables_the_gap_to_ar(data_dir, tmp_path, ca
     assert "| today |" in (out / "race.md").read_text()
     assert main(args) == 0  # a rerun reuses every finished run
     assert "6 already done" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_record_preset_default_export_fits(tmp_path):
+    from mdlm_golf.artifact import AUTO_MIN_MARGIN, LIMIT_BYTES, export_artifact
+    from mdlm_golf.checkpoint import save_checkpoint
+
+    cfg = build_config("record", environ={})
+    torch.manual_seed(0)
+    model = MDLM(cfg)
+    with torch.no_grad():  # trained-like: the zero-initialized head would compress to nothing
+        model.head.weight.normal_(std=0.02)
+    save_checkpoint(tmp_path / "model.pt", model, cfg)
+    report = export_artifact(tmp_path / "model.pt", tmp_path / "record.mdz", "auto")
+    assert report["total_bytes"] <= LIMIT_BYTES - AUTO_MIN_MARGIN
+    assert (tmp_path / "record.mdz").stat().st_size == report["artifact_bytes"]
+    assert report["spec"] != "int4"  # the shape leaves room for more than the last resort

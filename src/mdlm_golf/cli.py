@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder of a new run")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from RUN/checkpoint.pt")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="seed = the reference configuration (default); record = seed with the 600s "
-                        "wall-clock cap; demo/tiny = CPU sizes")
+                   help="seed = the reference configuration (default); record = the 600s wall-clock cap "
+                        "at a shape whose export fits 16 MB (9 layers, no adaLN); demo/tiny = CPU sizes")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
