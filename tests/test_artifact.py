@@ -257,9 +257,10 @@ def test_truncated_artifact(tmp_path, artifact_bytes, cut):
 @pytest.mark.parametrize("content,message", [
     (b"PK\x03\x04 a zip, say a torch checkpoint" * 4, "not an mdlm-golf artifact"),
     (b"MDLMGOLF\x07\x00" + bytes(20), "unsupported artifact version 7"),
-    (b"MDLMGOLF\x01\x00\x05\x00\x00\x00{oops", "corrupt artifact metadata"),
-    (b"MDLMGOLF\x01\x00\x02\x00\x00\x00[]", "corrupt artifact metadata"),
-    (b"MDLMGOLF\x01\x00\x10\x00\x00\x00{\"config\": null}", "missing compressor, packed"),
+    (b"MDLMGOLF\x01\x00" + bytes(20), "unsupported artifact version 1"),
+    (b"MDLMGOLF\x02\x00\x05\x00\x00\x00{oops", "corrupt artifact metadata"),
+    (b"MDLMGOLF\x02\x00\x02\x00\x00\x00[]", "corrupt artifact metadata"),
+    (b"MDLMGOLF\x02\x00\x10\x00\x00\x00{\"config\": null}", "missing compressor, packed"),
 ])
 def test_foreign_artifact(tmp_path, content, message):
     path = tmp_path / "foreign.bin"
@@ -285,13 +286,13 @@ def test_corrupt_and_missing_artifact(tmp_path, artifact_bytes):
 
 
 def test_tensor_table_that_does_not_match_the_payload(tmp_path, artifact_bytes):
-    from mdlm_golf.artifact import HEADER, MAGIC, VERSION, read_meta
+    from mdlm_golf.artifact import HEADER, MAGIC, VERSION, read_meta, seal_artifact
 
     meta, payload = read_meta(Path("<memory>"), artifact_bytes)
     meta["tensors"][0]["rows"] += 1
     blob = json.dumps(meta).encode()
     path = tmp_path / "table.mdlm"
-    path.write_bytes(HEADER.pack(MAGIC, VERSION, len(blob)) + blob + payload)
+    path.write_bytes(seal_artifact(HEADER.pack(MAGIC, VERSION, len(blob)) + blob + payload))
     with pytest.raises(ArtifactError, match="its tensors need"):
         load_artifact(path)
 

@@ -3,7 +3,8 @@
 A parameter-golf entry is judged on code bytes + compressed weights <= 16,000,000 bytes and is
 scored after decompression, so the artifact is what gets evaluated (`load_artifact`).
 
-File layout: MAGIC (8 bytes) | version (u16) | metadata length (u32) | metadata JSON | payload.
+File layout: MAGIC (8 bytes) | version (u16) | metadata length (u32) | metadata JSON | payload | CRC-32
+(u32) of every byte before it, so a changed byte in the header, the metadata or the payload is refused.
 The payload is every tensor's bytes in metadata order, compressed once: per-row codes (offset to
 unsigned; sub-byte formats bit-packed or one code per byte, whichever compresses smaller) followed
 by one fp16 scale per row, or raw fp16 values.
@@ -22,12 +23,14 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from .checkpoint import first_non_finite
 from .config import Config, config_from_dict
 from .files import write_bytes_atomic
 
 MAGIC = b"MDLMGOLF"
-VERSION = 1
+VERSION = 2  # 2: the CRC covers header, metadata and payload (1: payload only)
 HEADER = struct.Struct("<8sHI")  # magic, version, metadata bytes
+CHECKSUM = struct.Struct("<I")  # CRC-32 of all bytes before it: 4 bytes, and any 1-byte change is caught
 LIMIT_BYTES = 16_000_000  # decimal: the challenge's cap on code + compressed weights
 
 FORMAT_BITS = {"int8": 8, "int6": 6, "int5": 5, "int4": 4, "fp16": 16}
@@ -503,23 +506,30 @@ def encode_artifact(qtensors: list[QuantTensor], cfg: Config, spec: str, *, comp
     meta = {"format": "mdlm-golf-artifact", "version": VERSION, "config": cfg.to_dict(), "spec": spec,
             "groups": parse_spec(spec), "method": method, "small_numel": small_numel, "packed": layout,
             "compressor": name, "raw_bytes": raw_bytes, "payload_bytes": len(blob),
-            "crc32": zlib.crc32(blob), **(extra or {}), "tensors": [qt.entry() for qt in qtensors]}
+            **(extra or {}), "tensors": [qt.entry() for qt in qtensors]}
     meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
-    return HEADER.pack(MAGIC, VERSION, len(meta_bytes)) + meta_bytes + blob, {**meta, "compressed_sizes": tried}
+    data = seal_artifact(HEADER.pack(MAGIC, VERSION, len(meta_bytes)) + meta_bytes + blob)
+    return data, {**meta, "compressed_sizes": tried}
 
 
-META_KEYS = ("config", "compressor", "packed", "payload_bytes", "crc32", "tensors")
+def seal_artifact(body: bytes) -> bytes:
+    """Header + metadata + payload, followed by their CRC-32."""
+    return body + CHECKSUM.pack(zlib.crc32(body))
+
+
+META_KEYS = ("config", "compressor", "packed", "payload_bytes", "tensors")
 
 
 def read_meta(path: Path, data: bytes) -> tuple[dict, bytes]:
-    """Check the header and metadata; returns (metadata, compressed payload)."""
+    """Check the header, metadata and checksum; returns (metadata, compressed payload)."""
     if len(data) < HEADER.size:
         raise ArtifactError(f"{path}: {len(data)} bytes is too short for an mdlm-golf artifact")
     magic, version, meta_len = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise ArtifactError(f"{path}: not an mdlm-golf artifact (bad magic {magic!r})")
     if version != VERSION:
-        raise ArtifactError(f"{path}: unsupported artifact version {version} (expected {VERSION})")
+        raise ArtifactError(f"{path}: unsupported artifact version {version} (expected {VERSION}; "
+                            f"export it again from its checkpoint)")
     if HEADER.size + meta_len > len(data):
         raise ArtifactError(f"{path}: truncated metadata ({len(data) - HEADER.size} of {meta_len} bytes)")
     try:
@@ -529,11 +539,15 @@ def read_meta(path: Path, data: bytes) -> tuple[dict, bytes]:
         raise ArtifactError(f"{path}: corrupt artifact metadata") from None
     if missing:
         raise ArtifactError(f"{path}: corrupt artifact metadata (missing {', '.join(missing)})")
-    payload, expected = data[HEADER.size + meta_len:], meta["payload_bytes"]
+    # lengths first, so a cut file says "truncated" rather than only failing the checksum
+    body_end = max(HEADER.size + meta_len, len(data) - CHECKSUM.size)
+    payload, expected = data[HEADER.size + meta_len:body_end], meta["payload_bytes"]
     if len(payload) != expected:
         raise ArtifactError(f"{path}: truncated payload ({len(payload)} of {expected} bytes)")
-    if zlib.crc32(payload) != meta["crc32"]:
-        raise ArtifactError(f"{path}: corrupt payload (CRC mismatch)")
+    if len(data) - body_end != CHECKSUM.size:
+        raise ArtifactError(f"{path}: truncated file (no checksum after the payload)")
+    if zlib.crc32(data[:body_end]) != CHECKSUM.unpack_from(data, body_end)[0]:
+        raise ArtifactError(f"{path}: checksum mismatch (CRC-32 over header, metadata and payload): corrupt file")
     return meta, payload
 
 
@@ -575,9 +589,13 @@ def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[torch
         cfg = config_from_dict(meta["config"], str(path))
     except (TypeError, ValueError) as e:
         raise ArtifactError(f"{path}: bad config ({e})") from None
+    state = dequantize_state_dict(qtensors)
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise ArtifactError(f"{path}: weight {bad} is not finite (nan or inf); not loaded")
     model = MDLM(cfg)
     try:
-        model.load_state_dict(dequantize_state_dict(qtensors))
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise ArtifactError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
     return model.to(device), cfg, meta

@@ -3,13 +3,55 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import sys
 from pathlib import Path
+from typing import Callable
 
-from .config import PRESETS, build_config, field_types, parse_value
+from .config import (MAX_SEED, MAX_VOCAB, PRESETS, build_config, check_field, describe_range, field_types,
+                     in_range, parse_value)
+from .data import MIN_VOCAB, DataError, read_manifest
 from .diffusion import GRIDS
 from .files import write_text_atomic
 from .planned import ORDERS
+
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp\d+$")  # files.atomic_path's temporary of NAME
+
+
+class UsageError(Exception):
+    """A command line argparse rejects; the message is the one line main prints."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`mdlm-golf CMD: error: ...`), exit 2 from main, no usage dump."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def ranged(kind: type, low: float, high: float = math.inf, low_in: bool = True,
+           high_in: bool = False) -> Callable[[str], float]:
+    """An argparse type= for a number in a range; anything else is an error that states the range."""
+    accepted = describe_range(low, high, low_in, high_in)
+
+    def parse(raw: str):
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{' whole' if kind is int else ''} number {accepted}, "
+                                             f"got {raw!r}") from None
+        if not in_range(value, low, high, low_in, high_in):
+            raise argparse.ArgumentTypeError(f"must be {accepted}, got {raw}")
+        return value
+
+    return parse
+
+
+POSITIVE = ranged(int, 1)
+COUNT = ranged(int, 0)  # 0 allowed: "none" or "all", as each flag's help says
+SEED = ranged(int, 0, MAX_SEED, high_in=True)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,17 +71,28 @@ def tokenizer_for(data_dir: Path, given: str | None) -> Path:
     """--tokenizer if given, else the one prepare recorded in DIR/manifest.json."""
     if given:
         return Path(given)
-    manifest = Path(data_dir) / "manifest.json"
-    if not manifest.is_file():
-        raise ValueError(f"{manifest}: not found; pass --tokenizer MODEL")
-    return Path(json.loads(manifest.read_text())["tokenizer"])
+    path = Path(data_dir) / "manifest.json"
+    manifest = read_manifest(data_dir)
+    if manifest is None:
+        raise ValueError(f"{path}: not found; pass --tokenizer MODEL")
+    if not isinstance(manifest.get("tokenizer"), str):
+        raise DataError(f"{path}: names no \"tokenizer\"; pass --tokenizer MODEL")
+    return Path(manifest["tokenizer"])
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Comma-separated seeds, each a valid Config.seed."""
+    seeds = [parse_value("seed", s) for s in text.split(",")]
+    for seed in seeds:
+        check_field("seed", seed, int)
+    return seeds
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .data import prepare
 
     manifest = prepare(Path(args.docs), Path(args.out), Path(args.tokenizer) if args.tokenizer else None,
-                       args.vocab_size, args.val_docs, args.shard_tokens)
+                       args.vocab_size, args.val_docs, args.shard_tokens, overwrite=args.overwrite)
     for split in ("val", "train"):
         m = manifest[split]
         print(f"{split}: {m['docs']:,} docs, {m['tokens']:,} tokens, {len(m['shards'])} shard(s)")
@@ -47,7 +100,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import resume_config, train
+    from .train import claim_run_dir, resume_config, train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -55,6 +108,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     elif args.out:
         run_dir = Path(args.out)
         cfg = build_config(args.preset, overrides=config_overrides(args))
+        claim_run_dir(run_dir, args.overwrite)  # after the config checks: a bad flag deletes nothing
     else:
         raise ValueError("train needs --out RUN (a new run) or --resume RUN")
     train(cfg, Path(args.data), run_dir, tokenizer_for(Path(args.data), args.tokenizer),
@@ -65,7 +119,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     from .ablate import ablate
 
     base = build_config(args.preset, overrides=config_overrides(args))
-    seeds = [parse_value("seed", s) for s in args.seeds.split(",")] if args.seeds else [base.seed]
+    seeds = parse_seeds(args.seeds) if args.seeds else [base.seed]
     ablate(base, args.param.replace("-", "_"), args.values.split(","), seeds, Path(args.data),
            Path(args.out), tokenizer_for(Path(args.data), args.tokenizer))
 
@@ -74,7 +128,7 @@ def cmd_race(args: argparse.Namespace) -> None:
     from .race import RECIPES, parse_recipe, race
 
     base = build_config(args.preset, overrides=config_overrides(args))
-    seeds = [parse_value("seed", s) for s in args.seeds.split(",")]
+    seeds = parse_seeds(args.seeds)
     names = args.recipes.split(",") if args.recipes else ([] if args.recipe else list(RECIPES))
     recipes = dict(parse_recipe(text) for text in [*names, *(args.recipe or [])])
     race(base, recipes, seeds, Path(args.data), Path(args.out), tokenizer_for(Path(args.data), args.tokenizer))
@@ -96,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     tokenizer = Path(args.tokenizer or state.get("tokenizer") or tokenizer_for(Path(args.data), None))
     byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer), cfg.vocab_size)
     val = load_split(Path(args.data), "val", cfg.vocab_size)
-    if args.batch_rows:
+    if args.batch_rows is not None:
         cfg.eval_batch_rows = args.batch_rows
     modes = MODES if args.mode == "both" else (args.mode,)
     if args.method == "planned":
@@ -136,10 +190,11 @@ def add_planned_flags(p: argparse.ArgumentParser, default_passes: int) -> None:
                    help="which masked positions each pass reveals: the leftmost, or those the model is "
                         "surest of (highest probability, or largest top1-top2 margin)")
     schedule = p.add_mutually_exclusive_group()
-    schedule.add_argument("--passes", type=int, default=None,
+    schedule.add_argument("--passes", type=POSITIVE, default=None,
                           help=f"network evaluations per slice, spread evenly (default {default_passes}); "
                                "P = seq_len with left-to-right is the chain rule")
-    schedule.add_argument("--tokens-per-pass", type=int, default=None, help="reveal m tokens per pass instead")
+    schedule.add_argument("--tokens-per-pass", type=POSITIVE, default=None,
+                          help="reveal m tokens per pass instead")
 
 
 def coder_model(args: argparse.Namespace):
@@ -157,19 +212,17 @@ def coder_model(args: argparse.Namespace):
 def cmd_compress(args: argparse.Namespace) -> None:
     from .coder import compress_file
 
+    try:  # read before loading the model: a bad path fails at once
+        data = Path(args.input).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{args.input}: cannot read ({e.strerror or e})") from None
     model, cfg, sp = coder_model(args)
-    try:
-        text = Path(args.input).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{args.input}: cannot read as UTF-8 text ({e})") from None
-    info = compress_file(model, cfg, sp, text, Path(args.output), order=args.order, mode=args.mode,
+    info = compress_file(model, cfg, sp, data, Path(args.output), order=args.order, mode=args.mode,
                          **planned_schedule(args, DEFAULT_CODER_PASSES))
-    print(f"{args.input}: {info['text_bytes']:,} bytes, {info['tokens']:,} tokens -> {args.output}: "
-          f"{info['file_bytes']:,} bytes ({8 * info['file_bytes'] / max(1, info['text_bytes']):.4f} bits/byte, "
-          f"header {info['header_bytes']} bytes)")
-    if not info["round_trips"]:
-        print("note: the tokenizer does not rebuild this text exactly (normalization or <unk>); "
-              "decompress returns the text of its tokens")
+    print(f"{args.input}: {info['input_bytes']:,} bytes ({info['escaped_bytes']:,} escaped), "
+          f"{info['tokens']:,} tokens -> {args.output}: {info['file_bytes']:,} bytes "
+          f"({info['bits_per_byte']:.4f} bits/byte, header {info['header_bytes']} bytes, "
+          f"escape section {info['escape_section_bytes']} bytes)", file=sys.stderr)
 
 
 def cmd_decompress(args: argparse.Namespace) -> None:
@@ -177,9 +230,9 @@ def cmd_decompress(args: argparse.Namespace) -> None:
     from .files import write_bytes_atomic
 
     model, cfg, sp = coder_model(args)
-    text = decompress_file(model, cfg, sp, Path(args.input))
-    write_bytes_atomic(Path(args.output), text.encode("utf-8"))
-    print(f"{args.input} -> {args.output}: {len(text.encode('utf-8')):,} bytes")
+    data = decompress_file(model, cfg, sp, Path(args.input))
+    write_bytes_atomic(Path(args.output), data)
+    print(f"{args.input} -> {args.output}: {len(data):,} bytes", file=sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -258,17 +311,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
     result = generate(model, cfg, num=args.num, length=args.length, steps=args.steps, sampler=args.sampler,
                       prompt_ids=sp.encode(args.prompt) if args.prompt else None,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=device)
-    for i, (row, text) in enumerate(zip(result.rows, decode_rows(sp, result.rows))):
+    for i, (row, text) in enumerate(zip(result.rows, decode_rows(sp, result.rows))):  # the data: stdout
         print(f"--- sample {i} ({len(row) - 1} tokens)")
         print(text)
     print(f"--- {result.generated_tokens} tokens generated in {result.elapsed:.2f}s: "
           f"{result.tokens_per_s:,.1f} tokens/s | {result.nfe} network evaluations for {args.steps} steps "
           f"(per sample {result.row_nfe}) | {result.positions:,} positions | "
-          f"{'left-to-right (AR)' if cfg.objective == 'ar' else args.sampler} on {device}")
+          f"{'left-to-right (AR)' if cfg.objective == 'ar' else args.sampler} on {device}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mdlm-golf", description="Masked diffusion language models for parameter golf.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -276,9 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", required=True, help='JSONL with one {"text": ...} per line')
     p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
     p.add_argument("--tokenizer", help="SentencePiece model; without it, train one in --out")
-    p.add_argument("--vocab-size", type=int, default=1024)
-    p.add_argument("--val-docs", type=int, default=500, help="the first N documents form the val split")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument("--vocab-size", type=ranged(int, MIN_VOCAB, MAX_VOCAB, high_in=True), default=1024,
+                   help="pieces of the tokenizer trained without --tokenizer")
+    p.add_argument("--val-docs", type=POSITIVE, default=500, help="the first N documents form the val split")
+    p.add_argument("--shard-tokens", type=POSITIVE, default=100_000_000)
+    p.add_argument("--overwrite", action="store_true",
+                   help="prepare into a folder that is not empty, replacing its shards and manifest.json")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train an MDLM")
@@ -290,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed = the reference configuration (default); record = the 600s wall-clock cap "
                         "at a shape whose export fits 16 MB (9 layers, no adaLN); demo/tiny = CPU sizes")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out may hold a run: delete its model, checkpoint, config, metrics and logs first")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -327,14 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--artifact", help="a quantized artifact written by `export` (what the entry ships)")
     p.add_argument("--data", required=True, help="folder with fineweb_val_*.bin")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one the run trained with)")
-    p.add_argument("--elbo-steps", type=int, default=128)
-    p.add_argument("--num-seqs", type=int, default=500, help="val slices to evaluate; 0 = the whole split")
+    p.add_argument("--elbo-steps", type=POSITIVE, default=128)
+    p.add_argument("--num-seqs", type=COUNT, default=500, help="val slices to evaluate; 0 = the whole split")
     p.add_argument("--mode", choices=("strict", "anchored", "both"), default="both")
-    p.add_argument("--seed", type=int, default=0, help="seeds the mask draws")
-    p.add_argument("--draws", type=int, default=1,
+    p.add_argument("--seed", type=SEED, default=0, help="seeds the mask draws")
+    p.add_argument("--draws", type=POSITIVE, default=1,
                    help="independent mask draws per slice: reports their mean and standard error")
     p.add_argument("--grid", choices=GRIDS, default="linear", help="time grid of the T steps")
-    p.add_argument("--batch-rows", type=int, default=None, help="(slice, step) rows per forward")
+    p.add_argument("--batch-rows", type=POSITIVE, default=None,
+                   help="(slice, step) rows per forward (default: the run's eval_batch_rows)")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--method", choices=("elbo", "planned"), default="elbo",
                    help="elbo: the T-step ELBO upper bound; planned: the exact code length of "
@@ -370,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
                    help="rtn = clip search + rounding; gptq = error-compensated rounding (needs --data)")
     p.add_argument("--data", help="folder with fineweb_train_*.bin for GPTQ calibration")
-    p.add_argument("--small-numel", type=int, default=65_536, help="tensors under this many values stay fp16")
+    p.add_argument("--small-numel", type=COUNT, default=65_536, help="tensors under this many values stay fp16")
     p.add_argument("--allow-oversize", action="store_true",
                    help="write the artifact even if code + artifact exceed 16,000,000 bytes")
     p.add_argument("--json", help="write the size report as JSON here")
@@ -385,14 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--github-id", required=True)
     p.add_argument("--hardware", default="8xH100 SXM")
-    p.add_argument("--elbo-steps", type=int, default=128)
-    p.add_argument("--num-seqs", type=int, default=0, help="val slices; 0 = the whole split")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--elbo-steps", type=POSITIVE, default=128)
+    p.add_argument("--num-seqs", type=COUNT, default=0, help="val slices; 0 = the whole split")
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=cmd_submission)
 
     p = sub.add_parser("download", help="fetch the challenge's published FineWeb shards and tokenizer (HF Hub)")
     p.add_argument("--variant", default="sp1024", help="tokenizer family: dataset fineweb10B_<VARIANT>")
-    p.add_argument("--train-shards", type=int, default=80,
+    p.add_argument("--train-shards", type=COUNT, default=80,
                    help="first N train shards (~200 MB each; default 80 as in the challenge); all val shards always")
     p.add_argument("--out", default="data", help="root of the challenge layout: datasets/, tokenizers/, manifest.json")
     p.add_argument("--repo-id", default=None,
@@ -404,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="end to end on stdlib text in a few CPU minutes; no download")
     p.add_argument("--out", default="demo_run", help="folder for the demo's data and run")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo preset's)")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="training steps (default: the demo preset's)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("sample", help="generate text from a trained run or an exported artifact")
     source = p.add_mutually_exclusive_group(required=True)
@@ -412,31 +471,65 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--artifact", help="compressed artifact written by export")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one the model trained with)")
     p.add_argument("--prompt", default=None, help="text every sample continues (kept verbatim after BOS)")
-    p.add_argument("--length", type=int, default=256, help="tokens per sample, BOS included (<= seq_len)")
-    p.add_argument("--steps", type=int, default=128, help="denoising steps T on the training schedule")
+    p.add_argument("--length", type=ranged(int, 2), default=256,
+                   help="tokens per sample, BOS included (<= seq_len)")
+    p.add_argument("--steps", type=POSITIVE, default=128, help="denoising steps T on the training schedule")
     p.add_argument("--sampler", choices=("ancestral", "cached", "confidence"), default="ancestral",
                    help="ancestral: network every step; cached: same samples, network only at steps "
                         "that reveal a token; confidence: reveal the most probable positions first")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus filtering; a tiny value is greedy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num", type=int, default=1, help="samples, generated as one batch")
+    p.add_argument("--temperature", type=ranged(float, 0, low_in=False), default=1.0)
+    p.add_argument("--top-p", type=ranged(float, 0, 1, low_in=False, high_in=True), default=1.0,
+                   help="nucleus filtering; a tiny value is greedy")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--num", type=POSITIVE, default=1, help="samples, generated as one batch")
     p.set_defaults(func=cmd_sample)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError
+def one_line(message: str) -> str:
+    """A message's lines joined into one (a library's multi-line error, say)."""
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
 
+
+def describe_os_error(e: OSError) -> str:
+    """'FILE: reason', the file as the user named it (an atomic write's temporary shown as its target)."""
+    names = []
+    for name in (e.filename, e.filename2):
+        if name is not None:
+            path = Path(os.fsdecode(name))
+            temp = TEMP_NAME.match(path.name)
+            shown = str(path.with_name(temp["name"]) if temp else path)
+            names += [shown] if shown not in names else []
+    reason = e.strerror or str(e)
+    return f"{' -> '.join(names)}: {reason}" if names else reason
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; every expected failure is one line `mdlm-golf CMD: error: ...` and exit 2."""
     from .dist import shutdown
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
     try:
         args.func(args)
-    except (DataError, CheckpointError, ValueError, FloatingPointError) as e:
-        print(f"mdlm-golf {args.command}: error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # stdout piped into `head`: stop quietly, and let no flush at exit complain
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # a stdout without a descriptor (captured) has nothing to flush
+            pass
+        return 1
+    except (ValueError, FloatingPointError) as e:  # DataError, CheckpointError, ... are ValueErrors
+        print(f"mdlm-golf {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except OSError as e:  # a missing folder, a directory in the way, a full disk, no permission
+        print(f"mdlm-golf {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mdlm-golf {args.command}: interrupted", file=sys.stderr)
+        return 130
     finally:
         shutdown()  # leave the torchrun process group cleanly, or a rank can abort at exit
     return 0

@@ -14,18 +14,29 @@ quantization costs at most ~V / TOTAL / ln 2 = 0.0014 bits per token (and saves 
 model gave p < 2**-20: the +1 is a floor); the coder's end costs ~2 bits plus the last byte.
 
 File (all integers little-endian; "uv" = unsigned LEB128 varint):
-  b"MDZ1" | version u8 | flags u8 (1: anchored, 2: text round-trips, text CRC present) | order u8 |
-  uv seq_len, tokens_per_pass (0 = by passes), passes (0 = by tokens per pass), batch_rows,
+  b"MDZ1" | version u8 | flags u8 (1: anchored, 2: a file: bytes CRC and escape section present) |
+  order u8 | uv seq_len, tokens_per_pass (0 = by passes), passes (0 = by tokens per pass), batch_rows,
   num_tokens, num_anchors, anchor gaps... | CRC32 of the token ids (uint32 each) u32 |
-  [CRC32 of the UTF-8 text u32] | fingerprint of the model (+ tokenizer, for text) 8 bytes |
-  CRC32 of the header so far u32 | code
+  [CRC32 of the original bytes u32 | uv escape section length] | fingerprint of the model (+ tokenizer,
+  for files) 8 bytes | CRC32 of the header so far u32 | [escape section] | code
 Anchored mode gives the BOS positions (the anchors) in the header and codes every other token;
-strict codes every token. Trailing zero bytes of the code are dropped (the decoder reads zeros).
+strict codes every token. Trailing zero bytes of the code are dropped (the decoder reads zeros), which
+is why the code comes last.
+
+Files (any bytes, lossless): the model codes [BOS] + the tokens of a "model text" that the tokenizer
+rebuilds exactly (the input's in-vocabulary characters, whitespace gaps as one space); the escape
+section holds the edits that turn the model text's UTF-8 bytes back into the input: per edit, bytes
+to copy, bytes to drop, literal bytes to insert. It is empty when there are no edits, else a method
+byte (0 stored, 1 raw deflate, 2 raw LZMA2: the smallest) and the compressed columns
+uv count | copies... | drops... | literal lengths... | literals.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import lzma
+import math
+import re
 import struct
 import zlib
 from contextlib import contextmanager
@@ -41,7 +52,7 @@ from .files import write_bytes_atomic
 from .planned import ORDERS, Schedule, check_order, masked_start, require_mdlm, run_planned
 
 MAGIC = b"MDZ1"
-VERSION = 1
+VERSION = 2  # 2: files are lossless (bytes CRC, escape section)
 STATE_BITS = 32
 FULL = (1 << STATE_BITS) - 1
 HALF = 1 << (STATE_BITS - 1)
@@ -49,7 +60,8 @@ QUARTER = 1 << (STATE_BITS - 2)
 TOTAL = 1 << 20  # frequency scale; must stay well below QUARTER
 CODER_MODES = ("strict", "anchored")
 BATCH_ROWS = 16  # slices per forward (recorded in the header: the decoder must batch the same way)
-FLAG_ANCHORED, FLAG_TEXT = 1, 2
+FLAG_ANCHORED, FLAG_FILE = 1, 2
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 24}]
 
 
 class CoderError(ValueError):
@@ -171,14 +183,14 @@ def put_varint(out: bytearray, value: int) -> None:
 
 
 class Reader:
-    """Reads header fields from bytes; running off the end is a CoderError."""
+    """Reads the fields of a header (or of `what`) from bytes; running off the end is a CoderError."""
 
-    def __init__(self, data: bytes) -> None:
-        self.data, self.offset = data, 0
+    def __init__(self, data: bytes, what: str = "header") -> None:
+        self.data, self.offset, self.what = data, 0, what
 
     def take(self, size: int) -> bytes:
         if self.offset + size > len(self.data):
-            raise CoderError("truncated header")
+            raise CoderError(f"truncated {self.what}")
         chunk = self.data[self.offset:self.offset + size]
         self.offset += size
         return chunk
@@ -195,7 +207,7 @@ class Reader:
                 return value
             shift += 7
             if shift > 63:
-                raise CoderError("corrupted header (varint too long)")
+                raise CoderError(f"corrupted {self.what} (varint too long)")
 
 
 @dataclass
@@ -208,12 +220,13 @@ class Header:
     num_tokens: int
     anchors: list[int]  # stream positions of the given BOS tokens (anchored mode)
     ids_crc: int
-    text_crc: int | None
+    data_crc: int | None  # files: CRC32 of the original bytes
     fingerprint: bytes
+    escape_len: int = 0  # files: bytes of the escape section between the header and the code
 
     def encode(self) -> bytes:
         flags = ((FLAG_ANCHORED if self.mode == "anchored" else 0)
-                 | (FLAG_TEXT if self.text_crc is not None else 0))
+                 | (FLAG_FILE if self.data_crc is not None else 0))
         out = bytearray(MAGIC + bytes([VERSION, flags, ORDERS.index(self.order)]))
         for value in (self.seq_len, self.schedule.tokens_per_pass or 0, self.schedule.passes or 0,
                       self.batch_rows, self.num_tokens, len(self.anchors)):
@@ -221,14 +234,15 @@ class Header:
         for gap in np.diff(self.anchors, prepend=0).tolist():
             put_varint(out, gap)
         out += struct.pack("<I", self.ids_crc)
-        if self.text_crc is not None:
-            out += struct.pack("<I", self.text_crc)
+        if self.data_crc is not None:
+            out += struct.pack("<I", self.data_crc)
+            put_varint(out, self.escape_len)
         out += self.fingerprint
         return bytes(out + struct.pack("<I", zlib.crc32(out)))
 
     @classmethod
     def decode(cls, data: bytes) -> tuple["Header", bytes]:
-        """The header and the code after it."""
+        """The header and what follows it (escape section and code)."""
         r = Reader(data)
         if r.take(4) != MAGIC:
             raise CoderError("not an MDZ1 file (bad magic)")
@@ -240,7 +254,7 @@ class Header:
             raise CoderError("corrupted header (more anchors than tokens)")
         anchors = np.cumsum([r.varint() for _ in range(num_anchors)]).tolist()
         crc = r.u32()
-        text_crc = r.u32() if flags & FLAG_TEXT else None
+        data_crc, escape_len = (r.u32(), r.varint()) if flags & FLAG_FILE else (None, 0)
         fingerprint = r.take(8)
         if r.u32() != zlib.crc32(data[:r.offset - 4]):
             raise CoderError("corrupted header (CRC mismatch)")
@@ -249,7 +263,7 @@ class Header:
         schedule = Schedule(per_pass or None, passes or None)
         mode = "anchored" if flags & FLAG_ANCHORED else "strict"
         return cls(mode, ORDERS[order], seq_len, schedule, batch_rows, num_tokens, anchors, crc,
-                   text_crc, fingerprint), data[r.offset:]
+                   data_crc, fingerprint, escape_len), data[r.offset:]
 
 
 # ---------------------------------------------------------------- coding the token stream
@@ -300,12 +314,15 @@ def code_slices(model, header: Header, eps: float, tokens: Tokens, reveal_for) -
 
 def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
                     tokens_per_pass: int | None = None, passes: int | None = None,
-                    mode: str = "anchored", batch_rows: int = BATCH_ROWS, text_crc: int | None = None,
-                    sp=None) -> bytes:
+                    mode: str = "anchored", batch_rows: int = BATCH_ROWS, data_crc: int | None = None,
+                    escape: bytes = b"", sp=None) -> bytes:
     """An MDZ1 byte string coding token_ids slice by slice in planned order (one ids CRC inside).
 
-    text_crc and sp are for text files: the text's CRC32, and the tokenizer to fingerprint with the model.
+    data_crc, escape and sp are for files: the original bytes' CRC32, the escape section, and the
+    tokenizer to fingerprint with the model.
     """
+    if escape and data_crc is None:
+        raise ValueError("an escape section needs data_crc (it belongs to a file)")
     require_mdlm(cfg)
     check_order(order)
     if mode not in CODER_MODES:
@@ -318,7 +335,7 @@ def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
     tokens = Tokens(cfg.vocab_size)
     anchors = np.flatnonzero(ids == BOS_ID).tolist() if mode == "anchored" else []
     header = Header(mode, order, cfg.seq_len, Schedule(tokens_per_pass, passes), batch_rows, int(ids.size),
-                    anchors, ids_crc(ids), text_crc, model_fingerprint(model, cfg, sp))
+                    anchors, ids_crc(ids), data_crc, model_fingerprint(model, cfg, sp), len(escape))
     x0, _ = slice_rows(ids.size, cfg.seq_len, tokens, anchors, ids)
     encoder = ArithmeticEncoder()
 
@@ -337,13 +354,17 @@ def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
 
     with coding_context(model):
         code_slices(model, header, cfg.noise_eps, tokens, reveal_for)
-    return header.encode() + encoder.finish()
+    return header.encode() + escape + encoder.finish()
 
 
-def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.ndarray]:
-    """The header and the decoded token ids, checked against the model fingerprint and the ids CRC."""
+def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.ndarray, bytes]:
+    """The header, the decoded token ids (checked against the model fingerprint and the ids CRC) and
+    the escape section (empty for a bare token stream)."""
     require_mdlm(cfg)
-    header, code = Header.decode(data)
+    header, body = Header.decode(data)
+    if len(body) < header.escape_len:
+        raise CoderError("truncated escape section")
+    escape, code = body[:header.escape_len], body[header.escape_len:]
     fingerprint = model_fingerprint(model, cfg, sp)
     if header.fingerprint != fingerprint:
         raise CoderError(f"made with a different model{' or tokenizer' if sp is not None else ''} "
@@ -373,7 +394,7 @@ def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.
     ids = x.reshape(-1)[: header.num_tokens].numpy()
     if ids_crc(ids) != header.ids_crc:
         raise CoderError("decoded tokens fail their CRC (corrupted data, or a different torch/CPU)")
-    return header, ids
+    return header, ids, escape
 
 
 def decompress_tokens(model, cfg: Config, payload: bytes) -> np.ndarray:
@@ -381,46 +402,157 @@ def decompress_tokens(model, cfg: Config, payload: bytes) -> np.ndarray:
     return decode_stream(model, cfg, payload)[1]
 
 
-# ---------------------------------------------------------------- text files
+# ---------------------------------------------------------------- files: model text + escape channel
+
+Edit = tuple[int, int, bytes]  # (bytes of the model text to copy, bytes of it to drop, literal to insert)
+
 
 def text_tokens(sp, text: str) -> np.ndarray:
     """The text as one document: [BOS] + its ids."""
     return np.asarray([BOS_ID, *sp.encode(text)], dtype=np.int64)
 
 
-def compress_file(model, cfg: Config, sp, text: str, out_path: Path, *, order: str = "confidence",
+def safe_characters(sp) -> str:
+    """The non-space characters of the vocabulary that the tokenizer rebuilds exactly, alone and
+    inside a word (NFKC-stable, not <unk>, not whitespace)."""
+    pieces = (sp.id_to_piece(i) for i in range(sp.get_piece_size())
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)))
+    chars = sorted(set("".join(pieces)))
+    return "".join(c for c in chars if not c.isspace() and sp.decode(sp.encode(c)) == c
+                   and sp.decode(sp.encode(f"a{c}a")) == f"a{c}a")
+
+
+def split_input(sp, data: bytes) -> tuple[str, list[Edit]]:
+    """(model text, edits): a text the tokenizer rebuilds exactly, and the edits that turn its UTF-8
+    bytes into `data`. Runs of safe characters stay; a gap between them becomes one space if it holds
+    whitespace (the tokenizer collapses whitespace: the model saw a space there in training), else
+    nothing; the edits restore each gap's bytes."""
+    text = data.decode("utf-8", "surrogateescape")  # lossless for any bytes: bad ones become lone surrogates
+    chars = safe_characters(sp)
+    runs = list(re.finditer(f"[{re.escape(chars)}]+", text)) if chars else []
+    parts, edits, copy, last = [], [], 0, 0
+    for i, run in enumerate([*runs, None]):
+        gap = text[last:run.start() if run else len(text)]
+        interior = i > 0 and run is not None
+        if gap == " " and interior:
+            parts.append(" ")
+            copy += 1
+        elif gap:
+            space = interior and any(c.isspace() for c in gap)
+            parts.append(" " if space else "")
+            edits.append((copy, int(space), gap.encode("utf-8", "surrogateescape")))
+            copy = 0
+        if run:
+            parts.append(run.group())
+            copy += len(run.group().encode("utf-8"))
+            last = run.end()
+    model_text = "".join(parts)
+    escaped = sum(len(literal) for _, _, literal in edits)
+    # mostly escapes (binary, another script): model fragments cost more than they save; and a
+    # tokenizer that does not rebuild the model text (a combination of safe characters) must not lose it
+    if 2 * escaped > len(data) or sp.decode(sp.encode(model_text)) != model_text:
+        return "", [(0, 0, data)] if data else []
+    return model_text, edits
+
+
+def apply_edits(base: bytes, edits: list[Edit]) -> bytes:
+    """`base` with the edits applied in order; an edit past its end is a CoderError."""
+    out, position = bytearray(), 0
+    for copy, drop, literal in edits:
+        if position + copy + drop > len(base):
+            raise CoderError("corrupted escape section (an edit past the end of the text)")
+        out += base[position:position + copy]
+        out += literal
+        position += copy + drop
+    return bytes(out + base[position:])
+
+
+def pack_edits(edits: list[Edit]) -> bytes:
+    """The escape section: empty without edits, else a method byte and the smallest compression of
+    the columns (like values together compress best)."""
+    if not edits:
+        return b""
+    raw = bytearray()
+    put_varint(raw, len(edits))
+    for column in ([e[0] for e in edits], [e[1] for e in edits], [len(e[2]) for e in edits]):
+        for value in column:
+            put_varint(raw, value)
+    raw += b"".join(e[2] for e in edits)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    candidates = [bytes(raw), deflate.compress(raw) + deflate.flush(),
+                  lzma.compress(raw, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)]
+    method = min(range(len(candidates)), key=lambda m: len(candidates[m]))
+    return bytes([method]) + candidates[method]
+
+
+def unpack_payload(method: int, payload: bytes) -> bytes:
+    """The escape section's columns, decompressed by `method`."""
+    try:
+        if method == 0:
+            return payload
+        if method == 1:
+            inflate = zlib.decompressobj(-15)
+            raw = inflate.decompress(payload)
+            if inflate.eof and not inflate.unused_data:
+                return raw
+        elif method == 2:
+            return lzma.decompress(payload, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    except (zlib.error, lzma.LZMAError):
+        pass
+    raise CoderError("corrupted escape section")
+
+
+def unpack_edits(section: bytes) -> list[Edit]:
+    """The edits pack_edits wrote."""
+    if not section:
+        return []
+    r = Reader(unpack_payload(section[0], section[1:]), "escape section")
+    count = r.varint()
+    if count > len(r.data):  # each edit takes at least 3 bytes: a corrupted count, not a huge list
+        raise CoderError("corrupted escape section (edit count)")
+    copies, drops, lengths = ([r.varint() for _ in range(count)] for _ in range(3))
+    edits = [(c, d, r.take(n)) for c, d, n in zip(copies, drops, lengths)]
+    if r.offset != len(r.data):
+        raise CoderError("corrupted escape section (trailing bytes)")
+    return edits
+
+
+def compress_file(model, cfg: Config, sp, data: bytes, out_path: Path, *, order: str = "confidence",
                   tokens_per_pass: int | None = None, passes: int | None = None,
                   mode: str = "anchored", batch_rows: int = BATCH_ROWS) -> dict:
-    """Write `text` as an MDZ1 file; returns sizes and whether the tokenizer round-trips it.
+    """Write any bytes as an MDZ1 file, losslessly; returns its sizes (bits_per_byte counts every
+    byte of the file per input byte; escaped_bytes: input bytes the escape channel holds)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"compress_file takes bytes, not {type(data).__name__} (encode text first)")
+    data = bytes(data)
+    model_text, edits = split_input(sp, data)
+    ids = text_tokens(sp, model_text)
+    escape = pack_edits(edits)
+    blob = compress_tokens(model, cfg, ids, order=order, tokens_per_pass=tokens_per_pass, passes=passes,
+                           mode=mode, batch_rows=batch_rows, data_crc=zlib.crc32(data), escape=escape, sp=sp)
+    write_bytes_atomic(Path(out_path), blob)
+    header_bytes = len(Header.decode(blob)[0].encode())
+    return {"input_bytes": len(data), "file_bytes": len(blob),
+            "bits_per_byte": 8 * len(blob) / len(data) if data else math.inf,
+            "tokens": int(ids.size), "escaped_bytes": sum(len(e[2]) for e in edits),
+            "header_bytes": header_bytes, "escape_section_bytes": len(escape),
+            "code_bytes": len(blob) - header_bytes - len(escape)}
 
-    A text the tokenizer cannot rebuild (NFKC changes, characters outside the vocabulary) is stored
-    as its tokens: decompress_file then returns sp.decode(ids), and the header says so.
-    """
-    ids = text_tokens(sp, text)
-    round_trips = sp.decode(ids[1:].tolist()) == text
-    text_crc = zlib.crc32(text.encode("utf-8")) if round_trips else None
-    data = compress_tokens(model, cfg, ids, order=order, tokens_per_pass=tokens_per_pass, passes=passes,
-                           mode=mode, batch_rows=batch_rows, text_crc=text_crc, sp=sp)
-    write_bytes_atomic(Path(out_path), data)
-    header_bytes = len(Header.decode(data)[0].encode())
-    return {"tokens": int(ids.size), "text_bytes": len(text.encode("utf-8")), "file_bytes": len(data),
-            "header_bytes": header_bytes, "code_bytes": len(data) - header_bytes, "round_trips": round_trips}
 
-
-def decompress_file(model, cfg: Config, sp, path: Path) -> str:
-    """The text of an MDZ1 file; any mismatch is a one-line CoderError naming the file."""
+def decompress_file(model, cfg: Config, sp, path: Path) -> bytes:
+    """The original bytes of an MDZ1 file; any mismatch is a one-line CoderError naming the file."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise CoderError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header, ids = decode_stream(model, cfg, data, sp)
-        if ids.size == 0 or ids[0] != BOS_ID:
-            raise CoderError("not a text file (the token stream does not start with BOS)")
-        text = sp.decode(ids[1:].tolist())
-        if header.text_crc is not None and zlib.crc32(text.encode("utf-8")) != header.text_crc:
-            raise CoderError("decoded text fails its CRC")
+        header, ids, escape = decode_stream(model, cfg, data, sp)
+        if header.data_crc is None or ids.size == 0 or ids[0] != BOS_ID:
+            raise CoderError("not a compressed file (a bare token stream: use decompress_tokens)")
+        out = apply_edits(sp.decode(ids[1:].tolist()).encode("utf-8"), unpack_edits(escape))
+        if zlib.crc32(out) != header.data_crc:
+            raise CoderError("decompressed bytes fail their CRC")
     except CoderError as e:
         raise CoderError(f"{path}: {e}") from None
-    return text
+    return out

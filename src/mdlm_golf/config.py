@@ -21,6 +21,52 @@ OBJECTIVES = ("mdlm", "ar")
 OPTIMIZERS = ("adamw", "muon")
 
 
+MAX_VOCAB = 65535 - 2  # shards hold uint16 ids, and MASK and PAD take the two ids after the vocabulary
+MAX_SEED = 2**32 - 1
+POSITIVE_INTS = ("num_layers", "model_dim", "num_heads", "mlp_mult", "cond_dim", "seq_len", "batch_rows",
+                 "grad_accum", "steps", "shards_per_group", "elbo_steps", "eval_batch_rows", "log_every")
+COUNTS = ("global_batch_rows", "warmup_steps", "warmdown_steps", "batches_per_group", "eval_num_seqs",
+          "val_every", "checkpoint_every")
+# (low, high, low included, high included) of every numeric field
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    **{name: (1, math.inf, True, False) for name in POSITIVE_INTS},
+    **{name: (0, math.inf, True, False) for name in COUNTS},
+    "vocab_size": (2, MAX_VOCAB, True, True),
+    "seed": (0, MAX_SEED, True, True),
+    "lr": (0, math.inf, False, False),
+    "muon_lr": (0, math.inf, False, False),
+    "grad_clip": (0, math.inf, False, False),
+    "weight_decay": (0, math.inf, True, False),
+    "max_wallclock": (0, math.inf, True, False),  # 0 = no cap
+    "ema": (0, 1, True, False),
+    "noise_eps": (0, 1, False, False),
+    "anchor_mask_prob": (0, 1, True, True),
+}
+
+
+def describe_range(low: float, high: float, low_in: bool, high_in: bool) -> str:
+    """'>= 1', '> 0' or 'in [0, 1)'."""
+    if high == math.inf:
+        return f"{'>=' if low_in else '>'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def in_range(value: float, low: float, high: float, low_in: bool, high_in: bool) -> bool:
+    """Whether value is finite and between the bounds (each included or not)."""
+    return (math.isfinite(value) and (value >= low if low_in else value > low)
+            and (value <= high if high_in else value < high))
+
+
+def check_field(name: str, value: Any, kind: type) -> None:
+    """A ValueError naming the field unless value has its type (an int will do for a float) and range."""
+    fits = isinstance(value, kind) if kind in (bool, str) else (
+        isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+    if not fits:
+        raise ValueError(f"{name} must be {kind.__name__}, got {value!r}")
+    if name in RANGES and not in_range(value, *RANGES[name]):
+        raise ValueError(f"{name} must be {describe_range(*RANGES[name])}, got {value!r}")
+
+
 @dataclass
 class Config:
     """Reference configuration (the challenge's seed MDLM); every field is a flag and an env var."""
@@ -71,6 +117,9 @@ class Config:
         self.validate()
 
     def validate(self) -> None:
+        """Every field's type and range, one ValueError naming the field and what it accepts."""
+        for f in fields(self):
+            check_field(f.name, getattr(self, f.name), type(f.default))
         for name, choices in (("layout", LAYOUTS), ("objective", OBJECTIVES), ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -78,21 +127,6 @@ class Config:
             raise ValueError(
                 f"model_dim {self.model_dim} must split into {self.num_heads} heads of even size"
             )
-        if not 0.0 < self.noise_eps < 1.0:
-            raise ValueError(f"noise_eps must lie in (0, 1), got {self.noise_eps}")
-        if not 0.0 <= self.anchor_mask_prob <= 1.0:
-            raise ValueError(f"anchor_mask_prob must lie in [0, 1], got {self.anchor_mask_prob}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema must lie in [0, 1), got {self.ema}")
-        for name in ("lr", "muon_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.val_every < 0:
-            raise ValueError(f"val_every must be >= 0, got {self.val_every}")
-        for name in ("num_layers", "model_dim", "num_heads", "mlp_mult", "seq_len", "batch_rows",
-                     "grad_accum", "elbo_steps", "eval_batch_rows", "log_every", "shards_per_group"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def noise_conditioned(self) -> bool:

@@ -9,13 +9,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .config import BOS_ID
+from .config import BOS_ID, MAX_VOCAB
 from .files import atomic_path, write_text_atomic
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_WORDS = 256
 HEADER_BYTES = HEADER_WORDS * 4
+MANIFEST_NAME = "manifest.json"
+MIN_VOCAB = 5  # a tokenizer prepare trains needs pieces past its 4 special ids
 
 
 class DataError(ValueError):
@@ -76,11 +78,46 @@ def read_shard(path: Path, vocab_size: int | None = None, out: np.ndarray | None
     return out
 
 
+def read_manifest(data_dir: Path) -> dict | None:
+    """DIR/manifest.json (written by prepare), or None where there is none; bad JSON is a one-line error."""
+    path = Path(data_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not a JSON manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a JSON object")
+    return manifest
+
+
 def shard_paths(data_dir: Path, split: str) -> list[Path]:
-    """The split's shards in order; an empty match is an error naming the pattern."""
-    paths = sorted(Path(data_dir).glob(f"fineweb_{split}_*.bin"))
+    """The split's shards in order: those DIR/manifest.json lists, so stray old shards are never read;
+    without a manifest (the challenge's downloaded layout) every fineweb_{split}_*.bin, sorted."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    if manifest is not None:
+        return listed_shards(manifest, data_dir, split)
+    paths = sorted(data_dir.glob(f"fineweb_{split}_*.bin"))
     if not paths:
         raise DataError(f"{data_dir}: no fineweb_{split}_*.bin shards found")
+    return paths
+
+
+def listed_shards(manifest: dict, data_dir: Path, split: str) -> list[Path]:
+    """The manifest's split -> shards list as paths in DIR; a missing or malformed entry names the file."""
+    where = Path(data_dir) / MANIFEST_NAME
+    entry = manifest.get(split)
+    names = entry.get("shards") if isinstance(entry, dict) else None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise DataError(f"{where}: no list of {split} shards (expected \"{split}\": {{\"shards\": [...]}})")
+    if any(Path(n).name != n or n in (".", "..") for n in names):  # a shard lives in DIR itself
+        raise DataError(f"{where}: {split} shard names must be plain file names, got {names[:3]}")
+    paths = [Path(data_dir) / n for n in names]
+    missing = next((p for p in paths if not p.exists()), None)
+    if missing is not None:
+        raise DataError(f"{missing}: listed in {where} but missing")
     return paths
 
 
@@ -88,6 +125,8 @@ def load_split(data_dir: Path, split: str, vocab_size: int) -> np.ndarray:
     """All tokens of a split, concatenated into one pre-sized array (no 2x peak)."""
     paths = shard_paths(data_dir, split)
     counts = [read_shard_header(p) for p in paths]
+    if not sum(counts):
+        raise DataError(f"{paths[0] if len(paths) == 1 else data_dir}: the {split} split holds no tokens")
     tokens = np.empty(sum(counts), dtype=np.uint16)
     offset = 0
     for path, count in zip(paths, counts):
@@ -230,20 +269,41 @@ class ShardWriter:
         self.pending_tokens = rest.size
 
 
+def clear_data_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds anything, unless overwrite: then its manifest and old shards go first."""
+    if not out_dir.is_dir():
+        return  # absent: prepare makes it (a file in the way fails there, naming it)
+    if overwrite:
+        for path in [out_dir / MANIFEST_NAME, *sorted(out_dir.glob("fineweb_*.bin"))]:  # manifest first
+            path.unlink(missing_ok=True)
+    elif any(out_dir.iterdir()):
+        raise DataError(f"{out_dir}: not empty; prepare into a new or empty folder, or pass --overwrite "
+                        f"to replace its shards and manifest")
+
+
 def prepare(docs_path: Path, out_dir: Path, tokenizer_path: Path | None = None,
-            vocab_size: int = 1024, val_docs: int = 500, shard_tokens: int = 100_000_000) -> dict:
-    """Tokenize a docs JSONL into val/train shards plus manifest.json; returns the manifest."""
+            vocab_size: int = 1024, val_docs: int = 500, shard_tokens: int = 100_000_000,
+            *, overwrite: bool = False) -> dict:
+    """Tokenize a docs JSONL into val/train shards plus manifest.json in an empty (or, with overwrite,
+    a cleared) folder; returns the manifest."""
     if shard_tokens < 1:
         raise DataError(f"{docs_path}: --shard-tokens must be >= 1, got {shard_tokens}")
     if val_docs < 1:
         raise DataError(f"{docs_path}: --val-docs must be >= 1 (evaluation needs a val split), got {val_docs}")
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
+        raise DataError(f"{docs_path}: --vocab-size must be in [{MIN_VOCAB}, {MAX_VOCAB}], got {vocab_size}")
     out_dir = Path(out_dir)
+    clear_data_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     texts = list(iter_docs(docs_path))
     if len(texts) <= val_docs:
         raise DataError(f"{docs_path}: {len(texts)} documents, need more than --val-docs {val_docs}")
     if tokenizer_path is None:
-        tokenizer_path = train_tokenizer(texts, out_dir / f"sp{vocab_size}_bpe", vocab_size)
+        try:
+            tokenizer_path = train_tokenizer(texts, out_dir / f"sp{vocab_size}_bpe", vocab_size)
+        except RuntimeError as e:  # e.g. fewer pieces than the corpus has characters
+            raise DataError(f"{docs_path}: cannot train a {vocab_size}-piece tokenizer on it "
+                            f"({str(e).splitlines()[0]})") from None
     sp = load_tokenizer(tokenizer_path)
     if sp.bos_id() != BOS_ID:
         raise DataError(f"{tokenizer_path}: bos id is {sp.bos_id()}, shards need {BOS_ID}")
@@ -256,7 +316,7 @@ def prepare(docs_path: Path, out_dir: Path, tokenizer_path: Path | None = None,
     for split, w in writers.items():
         w.close()
         manifest[split] = {"docs": w.docs, "tokens": w.tokens, "shards": [p.name for p in w.paths]}
-    write_text_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    write_text_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -12,8 +12,8 @@ from typing import Iterator
 
 from .config import build_config
 from .files import write_text_atomic
-from .data import prepare
-from .train import train
+from .data import prepare, read_manifest
+from .train import claim_run_dir, train
 
 MIN_DOC_CHARS = 80
 VAL_DOCS = 400  # shorter docstrings ("Return x.") teach little and bloat the BOS count
@@ -64,16 +64,17 @@ def run_demo(out: Path, steps: int | None = None, **overrides) -> dict:
     began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir, corpus = out / "data", out / "stdlib_docs.jsonl"
-    manifest_path = data_dir / "manifest.json"
-    if manifest_path.is_file():
+    manifest = read_manifest(data_dir)
+    if manifest is not None:
         print(f"reusing prepared data in {data_dir}")
-        manifest = json.loads(manifest_path.read_text())
     else:
         counts = build_corpus(corpus)
         print(f"corpus: {counts['docs']:,} documents, {counts['chars']:,} characters of stdlib text")
         print("training a SentencePiece BPE (1024) and writing shards ...")
-        manifest = prepare(corpus, data_dir, None, vocab_size=1024, val_docs=VAL_DOCS)
+        # no manifest: an interrupted prepare left the folder, if anything
+        manifest = prepare(corpus, data_dir, None, vocab_size=1024, val_docs=VAL_DOCS, overwrite=True)
     cfg = build_config("demo", environ={}, overrides={"steps": steps, **overrides})
+    claim_run_dir(out / "run", overwrite=True)  # the demo's own run: a rerun replaces it
     summary = train(cfg, data_dir, out / "run", Path(manifest["tokenizer"]))
     strict, anchored = summary["eval"]["strict"], summary["eval"]["anchored"]
     losses = summary["losses"]

@@ -159,6 +159,9 @@ def headline(results: dict[str, dict]) -> dict:
 
 def summarize(bits: float, tokens: int, num_bytes: int, **fields) -> dict:
     """The JSON record of one figure: what it is, how it was computed, and the numbers."""
+    if not math.isfinite(bits):  # every figure goes through here: ELBO, AR chain rule, planned decoding
+        raise FloatingPointError(f"{fields.get('mode', 'eval')} bpb is {bits / max(num_bytes, 1)}: "
+                                 f"the model's weights or logits are not finite")
     return {
         **fields,
         "bits": bits,

@@ -1,20 +1,52 @@
 """Atomic file writes: write a temporary file beside the target, then rename over it.
 
-A crash or a full disk mid-write leaves the previous file intact and no temporary file behind.
+A crash or a full disk mid-write leaves the previous file intact and no temporary file behind;
+a temporary left by a killed writer (SIGKILL, power loss) is removed by the next write of that file.
 """
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
+
+
+def temp_prefix(path: Path) -> str:
+    """Temporaries of `path` are named this prefix + the writer's pid (hidden, beside the target)."""
+    return f".{path.name}.tmp"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine (signal 0 checks without sending)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a pid: leave its file alone
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete temporaries of `path` whose writer no longer runs: it was killed mid-write."""
+    prefix = temp_prefix(path)
+    try:
+        names = [e.name for e in os.scandir(path.parent) if e.name.startswith(prefix)]
+    except OSError:  # no folder yet: the write itself reports it
+        return
+    for name in names:
+        pid = name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            with suppress(OSError):  # a leftover we may not delete must not stop this write
+                (path.parent / name).unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces `path`, on failure it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    remove_stale_temps(path)
+    tmp = path.with_name(f"{temp_prefix(path)}{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import signal
 import subprocess
@@ -33,6 +34,9 @@ CHECKPOINT_NAME = "checkpoint.pt"  # training state for --resume; model.pt holds
 # fields a resumed run may change: how long and how it logs, not what it trains
 RESUMABLE_FIELDS = {"steps", "max_wallclock", "log_every", "checkpoint_every", "elbo_steps",
                     "eval_num_seqs", "eval_batch_rows"}
+# what a run folder holds: a new run refuses a folder with any of them (the CLI's --overwrite deletes them)
+RUN_FILES = ("model.pt", CHECKPOINT_NAME, "config.json", "metrics.jsonl", "train.log", "eval.json")
+STOP_SIGNALS = ("SIGTERM", "SIGINT")  # stop reasons that checkpoint for --resume instead of finishing
 
 
 def pick_device() -> torch.device:
@@ -91,7 +95,7 @@ class RunLog:
         self.metrics = open(self.metrics_path, "a", encoding="utf-8")
         if sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, desc="train", leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, desc="train", leave=False, dynamic_ncols=True, file=sys.stderr)
 
     def line(self, message: str) -> None:
         if self.enabled:
@@ -152,35 +156,88 @@ def step_noise(cfg: Config, step: int, world_size: int, device: torch.device) ->
 
 
 class StopSignal:
-    """SIGTERM asks for a checkpoint and a clean exit at the next step boundary."""
+    """SIGTERM or a first Ctrl-C (SIGINT) asks for a checkpoint and a clean exit at the next step
+    boundary; a second Ctrl-C aborts at once. The previous handlers come back on exit."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self.previous = None
+        self.received: str | None = None  # the first signal's name
+        self.previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
 
     def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self.received = self.received or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            try:  # os.write, not print: a handler may interrupt a print to the same stream
+                os.write(2, b"\nCtrl-C: stopping at the next step boundary with a checkpoint "
+                            b"(Ctrl-C again aborts without one)\n")
+            except OSError:
+                pass
 
     def __exit__(self, *exc) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for signum, handler in self.previous.items():
+            if handler is not None:  # None: set outside Python, cannot be restored from here
+                signal.signal(signum, handler)
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds one, unless overwrite: then its files go first
+    (so metrics.jsonl and train.log start empty rather than appended to)."""
+    found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+    if found and not overwrite:
+        raise ValueError(f"{run_dir}: holds a run ({', '.join(found)}); continue it with --resume {run_dir}, "
+                         f"train into a new --out, or pass --overwrite to replace it")
+    for name in found:
+        (Path(run_dir) / name).unlink()
 
 
 def resume_config(run_dir: Path, overrides: dict) -> Config:
     """The config of RUN's checkpoint; flags may change only run-control fields, not the model or data."""
-    state = read_checkpoint(run_dir / CHECKPOINT_NAME)
-    cfg = config_from_dict(state["config"], str(run_dir / CHECKPOINT_NAME))
+    path = run_dir / CHECKPOINT_NAME
+    state = read_checkpoint(path)
+    try:
+        cfg = config_from_dict(state["config"], str(path))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad config ({e})") from None
+    check_saved_config(run_dir, cfg)
     for name, value in overrides.items():
         if name not in RESUMABLE_FIELDS and getattr(cfg, name) != value:
-            raise CheckpointError(f"{run_dir / CHECKPOINT_NAME}: saved with {name}={getattr(cfg, name)!r}, "
+            raise CheckpointError(f"{path}: saved with {name}={getattr(cfg, name)!r}, "
                                   f"asked for {value!r}; a resumed run keeps its config")
         setattr(cfg, name, value)
+    cfg.validate()  # setattr skipped it
     return cfg
+
+
+def check_saved_config(run_dir: Path, cfg: Config) -> None:
+    """RUN/config.json, where there is one, must agree with the checkpoint's config on every field
+    a resumed run may not change."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    # grad_accum follows the process count when global_batch_rows fixes the batch
+    free = RESUMABLE_FIELDS | ({"grad_accum"} if cfg.global_batch_rows else set())
+    ours = cfg.to_dict()
+    changed = sorted(k for k in set(saved) | set(ours) if k not in free and saved.get(k) != ours.get(k))
+    if changed:
+        name = changed[0]
+        raise CheckpointError(f"{path}: {name}={saved.get(name)!r}, but {run_dir / CHECKPOINT_NAME} was saved "
+                              f"with {name}={ours.get(name)!r}; a resumed run keeps its model and data config")
 
 
 def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, run_eval: bool = True,
@@ -271,7 +328,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
 
             done = step + 1
             elapsed = time.perf_counter() - clock
-            reason, agreed_elapsed = (stop_request(cfg, elapsed, stop_signal.requested, device)
+            reason, agreed_elapsed = (stop_request(cfg, elapsed, stop_signal.received, device)
                                       if done < cfg.steps else (None, elapsed))
             at_checkpoint = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
             if done % cfg.log_every == 0 or done == cfg.steps or at_checkpoint or reason:
@@ -308,7 +365,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     summary = {"steps": done, "train_seconds": train_seconds, "stop_reason": stop_reason,
                "num_params": model.num_params(), "losses": losses,
                "tokens": done * cfg.tokens_per_step * env.world_size}
-    if stop_reason.startswith("SIGTERM"):
+    if stop_reason.startswith(STOP_SIGNALS):
         save_training_checkpoint(done, train_seconds)
         log.line(f"checkpoint written; continue with: mdlm-golf train --resume {out_dir} --data {data_dir}")
         log.close()
@@ -392,16 +449,20 @@ def warm_up(objective: torch.nn.Module, model: MDLM, cfg: Config, env: DistEnv, 
     return time.perf_counter() - began
 
 
-def stop_request(cfg: Config, elapsed: float, sigterm: bool, device: torch.device) -> tuple[str | None, float]:
-    """(why to stop now, training seconds), agreed by all ranks: any rank's SIGTERM or clock stops
-    every rank, and the mean clock keys every rank's lr schedule alike under --max-wallclock."""
-    flags = torch.tensor([float(sigterm), float(bool(cfg.max_wallclock) and elapsed >= cfg.max_wallclock),
+def stop_request(cfg: Config, elapsed: float, signalled: str | None,
+                 device: torch.device) -> tuple[str | None, float]:
+    """(why to stop now, training seconds), agreed by all ranks: any rank's SIGTERM, Ctrl-C or clock
+    stops every rank, and the mean clock keys every rank's lr schedule alike under --max-wallclock."""
+    flags = torch.tensor([float(signalled == "SIGTERM"), float(signalled == "SIGINT"),
+                          float(bool(cfg.max_wallclock) and elapsed >= cfg.max_wallclock),
                           elapsed, 1.0], dtype=torch.float64,
                          device=device if dist_backend_needs_device() else "cpu")
-    sigterm_any, clock_any, elapsed_sum, ranks = all_reduce_sum(flags).tolist()
+    sigterm_any, sigint_any, clock_any, elapsed_sum, ranks = all_reduce_sum(flags).tolist()
     agreed = elapsed_sum / ranks
     if sigterm_any:
         return "SIGTERM received", agreed
+    if sigint_any:
+        return "SIGINT (Ctrl-C) received", agreed
     if clock_any:
         return f"wall-clock cap of {cfg.max_wallclock:g}s reached after {elapsed:.1f}s of training", agreed
     return None, agreed
