@@ -79,11 +79,11 @@ def param_group(name: str) -> str:
         return "embed"
     if name == "head.weight":
         return "head"
-    if name.startswith(("final_adaln.", "noise.")):
+    if name.startswith(("final_adaln.", "noise.", "final_modulation")):
         return "adaln"
     parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "blocks" and parts[2] in ("attn", "mlp", "adaln"):
-        return parts[2]
+    if len(parts) > 2 and parts[0] == "blocks" and parts[2] in ("attn", "mlp", "adaln", "modulation"):
+        return "adaln" if parts[2] == "modulation" else parts[2]
     # an unmapped parameter would silently get some format; make whoever adds one choose
     raise ValueError(f"parameter {name!r} belongs to no quantization group; add it to artifact.param_group")
 

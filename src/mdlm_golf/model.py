@@ -133,21 +133,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; with a noise condition, adaLN shifts, scales and gates both halves."""
+    """Pre-norm residual block whose halves are shifted, scaled and gated (adaLN-zero): by a function
+    of the noise level when conditioned, else by learned constants (the same init, no noise input)."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        # shift/scale/gate for both halves; absent without a noise condition
-        self.adaln = nn.Linear(cfg.cond_dim, 6 * cfg.model_dim) if cfg.noise_conditioned else None
+        conditioned = cfg.noise_conditioned
+        self.adaln = nn.Linear(cfg.cond_dim, 6 * cfg.model_dim) if conditioned else None
+        self.modulation = None if conditioned else nn.Parameter(torch.zeros(6 * cfg.model_dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor],
                 attn_mask: AttentionMask) -> torch.Tensor:
-        if self.adaln is None:
-            x = x + self.attn(F.rms_norm(x, (x.size(-1),)), rotary, attn_mask)
-            return x + self.mlp(F.rms_norm(x, (x.size(-1),)))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(cond).chunk(6, dim=-1)
+        params = self.adaln(cond) if self.adaln is not None else self.modulation.expand(x.size(0), -1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = params.chunk(6, dim=-1)
         h = modulate(F.rms_norm(x, (x.size(-1),)), shift1, scale1)
         x = x + gate1[:, None] * self.attn(h, rotary, attn_mask)
         h = modulate(F.rms_norm(x, (x.size(-1),)), shift2, scale2)
@@ -171,6 +171,7 @@ class MDLM(nn.Module):
         self.rotary = Rotary(cfg.model_dim // cfg.num_heads)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.final_adaln = nn.Linear(cfg.cond_dim, 2 * cfg.model_dim) if conditioned else None
+        self.final_modulation = None if conditioned else nn.Parameter(torch.zeros(2 * cfg.model_dim))
         self.head = nn.Linear(cfg.model_dim, cfg.embed_rows, bias=False)
         self.use_flex = False  # set by the trainer when the model is compiled on CUDA
         self.reset_parameters()
@@ -186,10 +187,9 @@ class MDLM(nn.Module):
             if module is not None:  # adaLN-zero: every block starts as the identity
                 nn.init.zeros_(module.weight)
                 nn.init.zeros_(module.bias)
-        if self.noise is None:  # plain residual blocks: output projections scaled down with depth (GPT-2)
-            for block in self.blocks:
-                for out in (block.attn.proj, block.mlp.down):
-                    nn.init.normal_(out.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
+        for constant in [*(b.modulation for b in self.blocks), self.final_modulation]:
+            if constant is not None:  # the same, without a noise input
+                nn.init.zeros_(constant)
         nn.init.zeros_(self.head.weight)  # uniform prediction at initialization
 
     def num_params(self) -> int:
@@ -206,8 +206,7 @@ class MDLM(nn.Module):
         rotary = self.rotary(x_t.size(1), x_t.device)
         for block in self.blocks:
             x = block(x, cond, rotary, attn_mask)
-        x = F.rms_norm(x, (x.size(-1),))
-        if self.final_adaln is not None:
-            shift, scale = self.final_adaln(cond).chunk(2, dim=-1)
-            x = modulate(x, shift, scale)
+        final = self.final_adaln(cond) if self.final_adaln is not None else self.final_modulation.expand(x.size(0), -1)
+        shift, scale = final.chunk(2, dim=-1)
+        x = modulate(F.rms_norm(x, (x.size(-1),)), shift, scale)
         return self.head(x)[..., : self.cfg.num_real_rows]
