@@ -88,7 +88,7 @@ if runs:
     if r.get("matmul_flops_measured"):
         print(f"measured matmul: {r['matmul_flops_measured'] / 1e12:.3g} TFLOP/s "
               f"(MFU against it {100 * r['mfu_vs_measured']:.1f}%)")
-widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+widths = [max([len(c), *(len(row[i]) for row in rows)]) for i, c in enumerate(cols)]
 for row in [cols, ["-" * w for w in widths], *rows]:
     print(" | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
 EOF
@@ -102,8 +102,8 @@ if [[ -f $DOCS/docs_selected.jsonl && -f $DOCS/fineweb_1024_bpe.model ]]; then
   timeout -k 5 420 bash -c '
     "$0" -m mdlm_golf prepare --docs "$1/docs_selected.jsonl" --tokenizer "$1/fineweb_1024_bpe.model" \
       --val-docs 500 --out "$2/race_data" >/dev/null &&
-    "$0" -m mdlm_golf race --data "$2/race_data" --out "$2/race" --preset record --recipe record: --recipes ar \
-      --seeds 1 --steps 1000000 --max-wallclock "$3" --val-every 250 --eval-num-seqs 64 --elbo-steps 64 \
+    "$0" -m mdlm_golf race --data "$2/race_data" --out "$2/race" --preset record --recipe record: --recipe ar:objective=ar \
+      --seeds 1 --max-wallclock "$3" --val-every 250 --eval-num-seqs 64 --elbo-steps 64 \
       --compile true $4' "$PY" "$DOCS" "$RESULTS" "$RACE_SECONDS" "${RACE_ARGS:-}" \
     >"$RESULTS/race.log" 2>&1 || rc=$?
   if ((rc != 0)); then

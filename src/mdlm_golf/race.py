@@ -19,20 +19,24 @@ from typing import Callable
 import numpy as np
 
 from .ablate import EVAL_SEED, Run, check_reusable, run_record, train_and_score
-from .config import Config, parse_value
+from .config import BEST_RECIPE, Config, parse_value
 from .data import ByteTable, load_split, load_tokenizer
 from .files import atomic_path, write_text_atomic
 
-# The standard field: today's recipe, the AR yardstick, each lever alone, and the levers combined.
-RECIPES: dict[str, dict[str, str]] = {
-    "today": {},
+# The standard field: today's recipe, the AR yardstick, each lever alone on top of today's recipe, and
+# the levers that helped combined. Each names every recipe field, so presets that carry a recipe (demo,
+# record) change only the shape, never what "today" or a lever means.
+TODAY = {"objective": "mdlm", "optimizer": "adamw", "time_cond": "true", "ema": "0.0", "anchor_mask_prob": "0.0"}
+LEVERS: dict[str, dict[str, str]] = {
     "ar": {"objective": "ar"},
     "muon": {"optimizer": "muon"},
     "no-time-cond": {"time_cond": "false"},
     "ema": {"ema": "0.99"},
     "anchor": {"anchor_mask_prob": "1.0"},
-    "best": {"optimizer": "muon", "time_cond": "false", "ema": "0.99", "anchor_mask_prob": "1.0"},
+    # the levers that helped alone on tuning slices (bench/race_tune.py; BENCHMARKS.md), combined
+    "best": {k: str(v) for k, v in BEST_RECIPE.items()},
 }
+RECIPES: dict[str, dict[str, str]] = {"today": TODAY, **{name: {**TODAY, **lever} for name, lever in LEVERS.items()}}
 YARDSTICK = "ar"
 
 
@@ -141,7 +145,8 @@ def markdown_table(result: dict) -> str:
     for r in result["summary"]:
         std = "" if r["bpb_std"] is None else f" ± {r['bpb_std']:.4f}"
         gap = "-" if r["gap_to_ar"] is None else f"{r['gap_to_ar']:+.4f}"
-        overrides = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
+        changed = {k: v for k, v in r["overrides"].items() if TODAY.get(k) != v}  # today's fields go unsaid
+        overrides = ", ".join(f"{k}={v}" for k, v in changed.items()) or "-"
         lines.append(f"| {r['recipe']} | {overrides} | {r['num_params']:,} | {r['tokens']:,} | "
                      f"{r['train_seconds']:.0f} | {r['bpb_mean']:.4f}{std} | {r['kind']} | {gap} |")
     return "\n".join(lines) + "\n"
