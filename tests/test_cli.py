@@ -91,6 +91,13 @@ def test_train_writes_config_metrics_model_and_eval(run_dir):
         assert r["num_seqs"] == PRESETS["tiny"]["eval_num_seqs"]
 
 
+def test_eval_defaults_reproduce_the_runs_own_eval(run_dir, data_dir, tmp_path):
+    """Unset flags take the run's elbo_steps, eval_num_seqs and seed: the same figure as eval.json."""
+    assert main(["eval", "--run", str(run_dir), "--data", str(data_dir), "--json", str(tmp_path / "e.json")]) == 0
+    assert without_timing(json.loads((tmp_path / "e.json").read_text())) == \
+        without_timing(json.loads((run_dir / "eval.json").read_text()))
+
+
 def test_eval_json_fields_and_exact_byte_count(run_dir, data_dir, shared_sp):
     results = eval_run(run_dir, data_dir, run_dir / "e.json")
     assert set(results) == {"strict", "anchored"}

@@ -152,17 +152,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
     val = load_split(Path(args.data), "val", cfg.vocab_size)
     if args.batch_rows is not None:
         cfg.eval_batch_rows = args.batch_rows
+    # unset flags take the run's own eval settings: the same run gives the same figure both ways
+    steps = cfg.elbo_steps if args.elbo_steps is None else args.elbo_steps
+    num_seqs = cfg.eval_num_seqs if args.num_seqs is None else args.num_seqs
+    seed = cfg.seed if args.seed is None else args.seed
     modes = MODES if args.mode == "both" else (args.mode,)
     if args.method == "planned":
         from .planned import evaluate_planned, format_planned_result
 
         results = evaluate_planned(model, val, byte_table, cfg, order=args.order,
-                                   **planned_schedule(args, DEFAULT_EVAL_PASSES), num_seqs=args.num_seqs,
+                                   **planned_schedule(args, DEFAULT_EVAL_PASSES), num_seqs=num_seqs,
                                    modes=modes, device=env.device)
         describe = format_planned_result
     else:
-        results = evaluate(model, val, byte_table, cfg, steps=args.elbo_steps, num_seqs=args.num_seqs,
-                           seed=args.seed, modes=modes, draws=args.draws, grid=args.grid, device=env.device)
+        results = evaluate(model, val, byte_table, cfg, steps=steps, num_seqs=num_seqs, seed=seed, modes=modes,
+                           draws=args.draws, grid=args.grid, device=env.device)
         describe = format_result
     if not env.is_main:
         return
@@ -385,10 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--artifact", help="a quantized artifact written by `export` (what the entry ships)")
     p.add_argument("--data", required=True, help="folder with fineweb_val_*.bin")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one the run trained with)")
-    p.add_argument("--elbo-steps", type=POSITIVE, default=128)
-    p.add_argument("--num-seqs", type=COUNT, default=500, help="val slices to evaluate; 0 = the whole split")
+    p.add_argument("--elbo-steps", type=POSITIVE, default=None,
+                   help="ELBO steps T (default: the run's own elbo_steps, as its training-time eval)")
+    p.add_argument("--num-seqs", type=COUNT, default=None,
+                   help="val slices to evaluate; 0 = the whole split (default: the run's eval_num_seqs)")
     p.add_argument("--mode", choices=("strict", "anchored", "both"), default="both")
-    p.add_argument("--seed", type=SEED, default=0, help="seeds the mask draws")
+    p.add_argument("--seed", type=SEED, default=None, help="seeds the mask draws (default: the run's seed)")
     p.add_argument("--draws", type=POSITIVE, default=1,
                    help="independent mask draws per slice: reports their mean and standard error")
     p.add_argument("--grid", choices=GRIDS, default="linear", help="time grid of the T steps")
