@@ -186,7 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(num_layers=4, model_dim=128, num_heads=4, cond_dim=64, seq_len=256,
                  batch_rows=16, grad_accum=1, steps=300, lr=2e-3, warmup_steps=30,
                  warmdown_steps=100, max_wallclock=150.0, layout="packed", elbo_steps=32,
-                 eval_num_seqs=32, eval_batch_rows=64, log_every=20),
+                 eval_num_seqs=32, eval_batch_rows=64, log_every=20, **BEST_RECIPE),
     "tiny": dict(num_layers=2, model_dim=64, num_heads=2, cond_dim=32, seq_len=64,
                  batch_rows=8, grad_accum=1, steps=20, lr=3e-3, warmup_steps=5,
                  warmdown_steps=5, elbo_steps=8, eval_num_seqs=4, eval_batch_rows=32,

@@ -1,6 +1,7 @@
 """The training loop: one train(cfg) whose step reads top to bottom."""
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -10,9 +11,10 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -36,7 +38,12 @@ RESUMABLE_FIELDS = {"steps", "max_wallclock", "log_every", "checkpoint_every", "
                     "eval_num_seqs", "eval_batch_rows"}
 # what a run folder holds: a new run refuses a folder with any of them (the CLI's --overwrite deletes them)
 RUN_FILES = ("model.pt", CHECKPOINT_NAME, "config.json", "metrics.jsonl", "train.log", "eval.json")
-STOP_SIGNALS = ("SIGTERM", "SIGINT")  # stop reasons that checkpoint for --resume instead of finishing
+# the most training seconds between two stop votes (projected): a signal waits at most about this
+# long, well inside the ~30 s a scheduler leaves between SIGTERM and SIGKILL
+VOTE_SECONDS = 5.0
+# dense bf16 tensor-core peak FLOP/s by card name (SXM parts; H200 is the same GH100 chip as H100),
+# for the MFU of the log line; an unlisted card logs no MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def pick_device() -> torch.device:
@@ -128,13 +135,77 @@ class RunLog:
             self.metrics.close()
 
 
+def matmul_params(model: MDLM) -> int:
+    """Weights of the per-token matmuls: the attention and MLP Linears of every block, and the head.
+    The embedding is a lookup and the adaLN Linears run once per row, so they are left out."""
+    return sum(m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and (name.startswith("blocks.") and "adaln" not in name or name == "head"))
+
+
+def flops_per_token(cfg: Config, model: MDLM) -> int:
+    """Training FLOPs per token, forward and backward: 6 N_matmul + 12 n_layers d_model seq_len."""
+    return 6 * matmul_params(model) + 12 * cfg.num_layers * cfg.model_dim * cfg.seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The card's dense bf16 peak FLOP/s from PEAK_FLOPS; None on a CPU or an unlisted card."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in name), None)
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak memory so far: allocated on the GPU, or the process's peak RSS (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class Speed:
+    """A log line's dt, tok/s and MFU over the training seconds since the previous line, and peak memory."""
+
+    def __init__(self, cfg: Config, model: MDLM, device: torch.device, world_size: int, step: int,
+                 seconds: float):
+        self.device, self.tokens_per_step = device, cfg.tokens_per_step * world_size
+        self.flops_per_token, peak = flops_per_token(cfg, model), peak_flops(device)
+        self.peak = peak * world_size if peak else None
+        self.last_step, self.last_seconds = step, seconds
+
+    def measure(self, done: int, seconds: float) -> dict:
+        step_seconds = max(seconds - self.last_seconds, 1e-9) / (done - self.last_step)
+        tokens_per_s = self.tokens_per_step / step_seconds
+        self.last_step, self.last_seconds = done, seconds
+        return {"dt_ms": 1e3 * step_seconds, "tokens_per_s": tokens_per_s,
+                "mfu": self.flops_per_token * tokens_per_s / self.peak if self.peak else None,
+                "peak_mem_bytes": peak_memory_bytes(self.device)}
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.1f}GiB" if n >= 2**30 else f"{n / 2**20:.0f}MiB"
+
+
+def step_line(done: int, cfg: Config, loss: float, lr: float, speed: dict) -> str:
+    """`step i/N | loss | lr | dt ms | tok/s | mfu | mem`; mfu '-' where the peak is unknown (CPU)."""
+    mfu = f"{100 * speed['mfu']:.1f}%" if speed["mfu"] is not None else "-"
+    return (f"step {done}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | dt {speed['dt_ms']:.1f}ms | "
+            f"tok/s {speed['tokens_per_s']:,.0f} | mfu {mfu} | mem {format_bytes(speed['peak_mem_bytes'])}")
+
+
 def describe_run(cfg: Config, model: MDLM, device: torch.device, tokens: int, world_size: int) -> list[str]:
     return [
         f"mdlm-golf {git_revision()} | python {platform.python_version()} | torch {torch.__version__} "
         f"| numpy {np.__version__} | device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         f"model: {model.num_params():,} parameters ({cfg.num_layers} layers, width {cfg.model_dim}, "
-        f"{cfg.num_heads} heads, MLP x{cfg.mlp_mult}, seq {cfg.seq_len})",
+        f"{cfg.num_heads} heads, MLP x{cfg.mlp_mult}, seq {cfg.seq_len}); "
+        f"{flops_per_token(cfg, model):,} training FLOP/token (6 N_matmul + 12 n_layers d_model seq_len)",
         f"data: {tokens:,} training tokens, layout {cfg.layout}; "
         f"{cfg.tokens_per_step * world_size:,} tokens/step ({cfg.batch_rows} rows x {cfg.grad_accum} "
         f"accumulation x {world_size} processes x {cfg.seq_len})",
@@ -156,8 +227,9 @@ def step_noise(cfg: Config, step: int, world_size: int, device: torch.device) ->
 
 
 class StopSignal:
-    """SIGTERM or a first Ctrl-C (SIGINT) asks for a checkpoint and a clean exit at the next step
-    boundary; a second Ctrl-C aborts at once. The previous handlers come back on exit."""
+    """SIGTERM or a first Ctrl-C (SIGINT) asks for a checkpoint and a clean exit at the step boundary
+    of the next stop vote (RunControl: a log step, or within ~VOTE_SECONDS); a second Ctrl-C aborts at
+    once. The previous handlers come back on exit."""
 
     def __init__(self) -> None:
         self.received: str | None = None  # the first signal's name
@@ -178,7 +250,7 @@ class StopSignal:
         self.received = self.received or signal.Signals(signum).name
         if signum == signal.SIGINT:
             try:  # os.write, not print: a handler may interrupt a print to the same stream
-                os.write(2, b"\nCtrl-C: stopping at the next step boundary with a checkpoint "
+                os.write(2, b"\nCtrl-C: stopping within a few steps with a checkpoint "
                             b"(Ctrl-C again aborts without one)\n")
             except OSError:
                 pass
@@ -187,6 +259,109 @@ class StopSignal:
         for signum, handler in self.previous.items():
             if handler is not None:  # None: set outside Python, cannot be restored from here
                 signal.signal(signum, handler)
+
+
+class Stop(enum.Enum):
+    """Why training stopped: a signal leaves a checkpoint for --resume, the others finish the run."""
+    STEPS = "steps"
+    SIGTERM = "SIGTERM"
+    SIGINT = "SIGINT"
+    WALLCLOCK = "wall-clock cap"
+
+    @property
+    def resumable(self) -> bool:
+        return self in (Stop.SIGTERM, Stop.SIGINT)
+
+    def describe(self, cfg: Config, seconds: float) -> str:
+        return {Stop.STEPS: f"reached {cfg.steps} steps", Stop.SIGTERM: "SIGTERM received",
+                Stop.SIGINT: "SIGINT (Ctrl-C) received",
+                Stop.WALLCLOCK: f"wall-clock cap of {cfg.max_wallclock:g}s reached after {seconds:.1f}s "
+                                f"of training"}[self]
+
+
+class TrainClock:
+    """Training seconds. A read waits for the device first (so it is a host sync: votes only);
+    evaluation and checkpoints are taken off the clock."""
+
+    def __init__(self, device: torch.device, seconds: float = 0.0):
+        self.device, self.start = device, time.perf_counter() - seconds
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - self.start
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
+
+
+@dataclass(frozen=True)
+class Vote:
+    """What every rank agreed at a vote: steps done, training seconds (the ranks' mean), and the seconds
+    per step since the vote before (None before the first vote)."""
+    step: int
+    seconds: float
+    step_seconds: float | None = None
+
+
+class RunControl:
+    """When to stop, and the training time that keys the lr under --max-wallclock, the same on every
+    rank without a host sync per step.
+
+    A vote is one all-reduce read on the host: any rank's SIGTERM or Ctrl-C, any rank past the cap, the
+    ranks' mean clock. The loop votes at its log and validation steps; on top of those this plans votes
+    from agreed numbers only (so every rank votes at the same steps): at least every VOTE_SECONDS, which
+    bounds how late a signal is noticed, and under --max-wallclock half way to the projected cap each
+    time, so the last votes fall on every step and a capped run stops at the first step boundary past
+    the cap, give or take a step if the step time jumps. Between votes every rank takes its training time
+    as the last agreed time + steps since x agreed seconds per step, so all ranks set the same lr.
+    """
+
+    def __init__(self, cfg: Config, step: int, seconds: float, stop_signal: StopSignal):
+        self.cfg, self.stop_signal = cfg, stop_signal
+        self.last = Vote(step, seconds)
+        self.next = self._plan()
+
+    def seconds_at(self, step: int) -> float:
+        """Training seconds before 0-based `step`: the last vote's, projected forward."""
+        return self.last.seconds + (step - self.last.step) * (self.last.step_seconds or 0.0)
+
+    def due(self, done: int) -> bool:
+        return done >= self.next
+
+    def vote(self, done: int, seconds: float, rider: torch.Tensor) -> tuple[float, Stop | None]:
+        """Vote after `done` steps, this rank at `seconds`; `rider` (a scalar: the loss sum) is summed over
+        the ranks in the same all-reduce. Returns its sum and why to stop (None: go on)."""
+        cfg, received = self.cfg, self.stop_signal.received
+        capped = bool(cfg.max_wallclock) and seconds >= cfg.max_wallclock
+        ballot = torch.tensor([0.0, received == "SIGTERM", received == "SIGINT", capped, seconds, 1.0],
+                              dtype=torch.float64,
+                              device=rider.device if dist_backend_needs_device() else "cpu")
+        ballot[0] = rider.to(ballot.device)  # a copy off the GPU when a single process votes on the CPU
+        total, sigterm, sigint, capped_any, seconds_sum, ranks = all_reduce_sum(ballot).tolist()
+        agreed = seconds_sum / ranks
+        self.last = Vote(done, agreed, (agreed - self.last.seconds) / (done - self.last.step))
+        self.next = self._plan()
+        if done >= cfg.steps:  # the run is complete: nothing left to stop
+            return total, None
+        stop = Stop.SIGTERM if sigterm else Stop.SIGINT if sigint else Stop.WALLCLOCK if capped_any else None
+        return total, stop
+
+    def _plan(self) -> float:
+        """The step count after which to hold the next vote of our own (inf: none)."""
+        last, cap = self.last, self.cfg.max_wallclock
+        if last.step_seconds is None:  # no step timed yet: under a cap, time the first one
+            return last.step + 1 if cap else math.inf
+        per_step = max(last.step_seconds, 1e-9)
+        steps = VOTE_SECONDS / per_step
+        if cap:
+            steps = min(steps, (cap - last.seconds) / per_step / 2)
+        return last.step + max(1, int(min(steps, self.cfg.steps)))
 
 
 def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -308,15 +483,16 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     if cfg.compile:
         log.line(f"compile: warm-up took {warm_up(objective, model, cfg, env, autocast):.1f}s "
                  f"(off the training clock)")
-    clock = time.perf_counter() - trained_seconds  # training time only: checkpoints are taken off it
-    last_time, last_step = time.perf_counter(), start_step
+    clock = TrainClock(device, trained_seconds)
+    speed = Speed(cfg, model, device, env.world_size, start_step, trained_seconds)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     first_bad_step = torch.zeros((), device=device, dtype=torch.long)
     losses: list[float] = []
-    stop_reason, done, agreed_elapsed = f"reached {cfg.steps} steps", start_step, trained_seconds
+    stop, done, last_log, seconds = Stop.STEPS, start_step, start_step, trained_seconds
     with StopSignal() as stop_signal:
+        control = RunControl(cfg, start_step, trained_seconds, stop_signal)
         for step in range(start_step, cfg.steps):
-            scale = lr_factor(step, cfg, agreed_elapsed)
+            scale = lr_factor(step, cfg, control.seconds_at(step))
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale
             step_loss = train_step(objective, model, optimizer, loader, cfg, step, env, autocast)
@@ -325,47 +501,44 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
             loss_sum += step_loss
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(step_loss),
                                          step + 1, first_bad_step)
-
+            log.advance()
             done = step + 1
-            elapsed = time.perf_counter() - clock
-            reason, agreed_elapsed = (stop_request(cfg, elapsed, stop_signal.received, device)
-                                      if done < cfg.steps else (None, elapsed))
-            at_checkpoint = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
-            if done % cfg.log_every == 0 or done == cfg.steps or at_checkpoint or reason:
-                loss = all_reduce_sum(loss_sum.clone()).item() / (done - last_step)  # the step's host sync
-                if first_bad_step.item():
-                    log.close()
-                    loader.close()
-                    raise FloatingPointError(f"loss became {loss} at step {first_bad_step.item()}; "
-                                             f"stopped without writing a checkpoint or model")
-                now = time.perf_counter()
-                tok_s = (done - last_step) * cfg.tokens_per_step * env.world_size / (now - last_time)
-                lr = cfg.lr * scale
-                log.line(f"step {done}/{cfg.steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                         f"tok/s {tok_s:,.0f} | elapsed {elapsed:.1f}s")
-                log.record(step=done, loss=loss, lr=lr, tokens_per_s=tok_s, elapsed_s=elapsed,
+            at_checkpoint = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0
+            at_log = done % cfg.log_every == 0 or done == cfg.steps or at_checkpoint
+            at_val = bool(cfg.val_every) and done % cfg.val_every == 0
+            if not (at_log or at_val or control.due(done)):
+                continue  # no host sync on this step
+            seconds = clock.read()
+            loss_total, reason = control.vote(done, seconds, loss_sum)  # the host sync
+            if not math.isfinite(loss_total):
+                log.close()
+                loader.close()
+                raise non_finite_loss(loss_total / (done - last_log), first_bad_step, done)
+            if at_log or reason:
+                loss, lr = loss_total / (done - last_log), cfg.lr * scale
+                measured = speed.measure(done, seconds)
+                log.line(step_line(done, cfg, loss, lr, measured))
+                log.record(step=done, loss=loss, lr=lr, **measured, elapsed_s=seconds,
                            data_wait_s=loader.stats["wait_s_total"])
                 losses.append(loss)
                 loss_sum.zero_()
-                last_time, last_step = now, done
-            paused = time.perf_counter()
-            if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps or reason):
-                validate(done, elapsed)
-            if at_checkpoint:
-                save_training_checkpoint(done, elapsed)
-            clock += time.perf_counter() - paused  # evaluation and checkpoints are off the clock
-            last_time += time.perf_counter() - paused
-            log.advance()
+                last_log = done
+            with clock.paused():  # evaluation and checkpoints are off the clock
+                if cfg.val_every and (at_val or done == cfg.steps or reason):
+                    validate(done, seconds)
+                if at_checkpoint:
+                    save_training_checkpoint(done, seconds)
             if reason:
-                stop_reason = reason
+                stop = reason
                 break
-    train_seconds = time.perf_counter() - clock
+    train_seconds = clock.read()
     loader.close()
+    stop_reason = stop.describe(cfg, seconds)
     log.line(f"stopped at step {done}: {stop_reason}; training time {train_seconds:.1f}s")
     summary = {"steps": done, "train_seconds": train_seconds, "stop_reason": stop_reason,
                "num_params": model.num_params(), "losses": losses,
                "tokens": done * cfg.tokens_per_step * env.world_size}
-    if stop_reason.startswith(STOP_SIGNALS):
+    if stop.resumable:
         save_training_checkpoint(done, train_seconds)
         log.line(f"checkpoint written; continue with: mdlm-golf train --resume {out_dir} --data {data_dir}")
         log.close()
@@ -384,6 +557,13 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
         summary["eval"] = results
     log.close()
     return summary
+
+
+def non_finite_loss(loss: float, first_bad_step: torch.Tensor, done: int) -> FloatingPointError:
+    """The error for a non-finite loss, naming the first step this rank saw it (or that another did)."""
+    bad = int(first_bad_step.item())
+    where = f"at step {bad}" if bad else f"on another rank by step {done}"
+    return FloatingPointError(f"loss became {loss} {where}; stopped without writing a checkpoint or model")
 
 
 def shipped_model(model: MDLM, ema: WeightEMA | None) -> MDLM:
@@ -447,25 +627,6 @@ def warm_up(objective: torch.nn.Module, model: MDLM, cfg: Config, env: DistEnv, 
     if env.device.type == "cuda":
         torch.cuda.synchronize(env.device)
     return time.perf_counter() - began
-
-
-def stop_request(cfg: Config, elapsed: float, signalled: str | None,
-                 device: torch.device) -> tuple[str | None, float]:
-    """(why to stop now, training seconds), agreed by all ranks: any rank's SIGTERM, Ctrl-C or clock
-    stops every rank, and the mean clock keys every rank's lr schedule alike under --max-wallclock."""
-    flags = torch.tensor([float(signalled == "SIGTERM"), float(signalled == "SIGINT"),
-                          float(bool(cfg.max_wallclock) and elapsed >= cfg.max_wallclock),
-                          elapsed, 1.0], dtype=torch.float64,
-                         device=device if dist_backend_needs_device() else "cpu")
-    sigterm_any, sigint_any, clock_any, elapsed_sum, ranks = all_reduce_sum(flags).tolist()
-    agreed = elapsed_sum / ranks
-    if sigterm_any:
-        return "SIGTERM received", agreed
-    if sigint_any:
-        return "SIGINT (Ctrl-C) received", agreed
-    if clock_any:
-        return f"wall-clock cap of {cfg.max_wallclock:g}s reached after {elapsed:.1f}s of training", agreed
-    return None, agreed
 
 
 def restore_training_state(state: dict, model: MDLM, optimizer: Optimizers, ema: WeightEMA | None,
