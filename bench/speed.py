@@ -51,13 +51,13 @@ from mdlm_golf.evaluate import EvalSlices, elbo_bits
 from mdlm_golf.loader import ShardedLoader
 from mdlm_golf.model import MDLM
 from mdlm_golf.optim import build_optimizer
-from mdlm_golf.train import build_objective, lr_factor, pick_device, train_step, warm_up
+from mdlm_golf.train import PEAK_FLOPS, build_objective, lr_factor, matmul_params, pick_device, train_step, warm_up
+from mdlm_golf.train import flops_per_token as train_flops_per_token
 
 from machine import cpu_model  # bench/machine.py; the script's folder is on sys.path
 
-# dense bf16 tensor-core peak of the SXM cards (H200 is the same GH100 chip as H100);
-# a measured 8192^3 bf16 matmul reaches ~800 TFLOP/s on both (--measure-peak times one)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+# dense bf16 peaks: the trainer's table (a measured 8192^3 bf16 matmul reaches ~800 TFLOP/s on an
+# H100 or H200; --measure-peak times one)
 VAL_TOKENS = 62_000_000  # the FineWeb val split, ~62M tokens
 
 
@@ -121,22 +121,11 @@ def eval_slices(cfg: Config, count: int, data: Path | None, doc_mean: float) -> 
 
 # ---------------------------------------------------------------- FLOPs, peaks, memory
 
-def matmul_params(model: MDLM) -> int:
-    """Weights of the per-token matmuls: attention and MLP Linears of every block, and the head.
-
-    The embedding is a lookup, and the adaLN / noise-embedding Linears run once per row, not per
-    token, so they are left out.
-    """
-    per_token = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                 and (name.startswith("blocks.") and "adaln" not in name or name == "head")]
-    return sum(m.weight.numel() for m in per_token)
-
-
 def flops_per_token(model: MDLM, cfg: Config) -> tuple[int, str]:
-    """Training FLOPs per token (forward + backward) and the formula with its numbers."""
+    """Training FLOPs per token (forward + backward), as the trainer's MFU counts them, with the formula."""
     n = matmul_params(model)
     attention = 12 * cfg.num_layers * cfg.model_dim * cfg.seq_len
-    total = 6 * n + attention
+    total = train_flops_per_token(cfg, model)  # the trainer's own formula, written out here
     formula = (f"6*N_matmul + 12*n_layers*d_model*seq_len = 6*{n:,} + 12*{cfg.num_layers}*{cfg.model_dim}"
                f"*{cfg.seq_len} = {6 * n:,} + {attention:,} = {total:,} FLOP/token")
     return total, formula
@@ -148,9 +137,9 @@ def peak_flops(device: torch.device, tflops: float | None) -> tuple[float | None
         return tflops * 1e12, f"--peak-tflops {tflops:g}"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_TFLOPS.items():
+        for key, value in PEAK_FLOPS.items():
             if key in name:
-                return value * 1e12, f"{value:g} TFLOP/s, {key} SXM dense bf16 spec"
+                return value, f"{value / 1e12:g} TFLOP/s, {key} dense bf16 spec"
         return None, f"unknown card {name!r}: pass --peak-tflops"
     return None, "n/a on CPU (pass --peak-tflops)"
 
