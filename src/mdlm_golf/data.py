@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .config import BOS_ID, MAX_VOCAB
-from .files import atomic_path, write_text_atomic
+from .files import atomic_path, read_json_object, write_text_atomic
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -80,16 +80,7 @@ def read_shard(path: Path, vocab_size: int | None = None, out: np.ndarray | None
 
 def read_manifest(data_dir: Path) -> dict | None:
     """DIR/manifest.json (written by prepare), or None where there is none; bad JSON is a one-line error."""
-    path = Path(data_dir) / MANIFEST_NAME
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a JSON manifest ({e})") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: not a JSON object")
-    return manifest
+    return read_json_object(Path(data_dir) / MANIFEST_NAME, DataError, "a JSON manifest")
 
 
 def shard_paths(data_dir: Path, split: str) -> list[Path]:

@@ -5,6 +5,7 @@ a temporary left by a killed writer (SIGKILL, power loss) is removed by the next
 """
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -67,3 +68,17 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def read_json_object(path: Path, error: type[Exception], what: str = "JSON") -> dict | None:
+    """The JSON object in `path`, or None where there is no such file; anything else is `error`, one line."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not {what} ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: not a JSON object")
+    return value

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checkpoint import CheckpointError, read_checkpoint, run_checkpoint, save_checkpoint
 from .config import BOS_ID, Config, config_from_dict
-from .files import write_text_atomic
+from .files import read_json_object, write_text_atomic
 from .data import ByteTable, load_split, load_tokenizer, shard_paths
 from .diffusion import Noise, draw_noise
 from .dist import DistEnv, all_reduce_sum, barrier, dist_backend_needs_device, init_distributed, to_device
@@ -397,14 +397,9 @@ def check_saved_config(run_dir: Path, cfg: Config) -> None:
     """RUN/config.json, where there is one, must agree with the checkpoint's config on every field
     a resumed run may not change."""
     path = run_dir / "config.json"
-    if not path.is_file():
+    saved = read_json_object(path, CheckpointError)
+    if saved is None:
         return
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not JSON ({e})") from None
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
     # grad_accum follows the process count when global_batch_rows fixes the batch
     free = RESUMABLE_FIELDS | ({"grad_accum"} if cfg.global_batch_rows else set())
     ours = cfg.to_dict()
