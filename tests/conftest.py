@@ -1,6 +1,8 @@
-"""Shared fixtures: the ../shared corpus and tokenizer, and one prepared data folder per session."""
+"""Shared fixtures: the corpus and tokenizer in tests/fixtures (no ../shared needed), one prepared data folder
+per session. The fixture names keep their shared_ prefix: the files are a slice and a copy of ../shared/data."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -9,25 +11,30 @@ import numpy as np
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DOCS = SHARED / "docs_selected.jsonl"
-TOKENIZER = SHARED / "tokenizers" / "fineweb_1024_bpe.model"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# The first 1,187 documents (964 KB, whole lines) of the shared corpus docs_selected.jsonl: Python
+# documentation pages and short quotations; docs_1mb.stats.json holds its counts, as the corpus' own does.
+DOCS = FIXTURES / "docs_1mb.jsonl"
+TOKENIZER = FIXTURES / "fineweb_1024_bpe.model"  # the challenge's SP-1024 tokenizer, copied byte for byte
+# prepared_data's split: ~40k val tokens in 2 shards, ~343k train tokens in 12 (shard rotation is exercised)
+VAL_DOCS = 100
+SHARD_TOKENS = 30_000
 
 
-def require_shared() -> None:
-    if not (DOCS.is_file() and TOKENIZER.is_file()):
-        pytest.skip(f"needs the shared corpus and tokenizer at {SHARED} (absent on this checkout)")
+def require_fixtures() -> None:
+    for path in (DOCS, TOKENIZER):
+        assert path.is_file(), f"test fixture {path} is missing from this checkout"
 
 
 @pytest.fixture(scope="session")
 def shared_tokenizer_path() -> Path:
-    require_shared()
+    require_fixtures()
     return TOKENIZER
 
 
 @pytest.fixture(scope="session")
 def shared_docs_path() -> Path:
-    require_shared()
+    require_fixtures()
     return DOCS
 
 
@@ -40,11 +47,11 @@ def shared_sp(shared_tokenizer_path):
 
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory, shared_docs_path, shared_tokenizer_path) -> Path:
-    """The shared corpus as challenge shards: 500 val docs, train split in 1M-token shards."""
+    """The fixture corpus as challenge shards: VAL_DOCS val docs, both splits in SHARD_TOKENS-token shards."""
     from mdlm_golf.data import prepare
 
     out = tmp_path_factory.mktemp("data")
-    prepare(shared_docs_path, out, shared_tokenizer_path, val_docs=500, shard_tokens=1_000_000)
+    prepare(shared_docs_path, out, shared_tokenizer_path, val_docs=VAL_DOCS, shard_tokens=SHARD_TOKENS)
     return out
 
 
@@ -67,13 +74,14 @@ def quiet_environment():
 def first_docs(docs_path: Path, count: int, out: Path) -> Path:
     """The first `count` documents of a JSONL file, written to `out`."""
     with open(docs_path, encoding="utf-8") as f:
-        lines = [next(f) for _ in range(count)]
+        lines = list(itertools.islice(f, count))
+    assert len(lines) == count, f"{docs_path} holds {len(lines)} documents, not the {count} asked for"
     out.write_text("".join(lines), encoding="utf-8")
     return out
 
 
 def small_data(root: Path, docs_path: Path, tokenizer: Path, docs: int, **prepare_args) -> Path:
-    """A prepared data folder from the first `docs` shared documents."""
+    """A prepared data folder from the first `docs` documents of the fixture corpus."""
     from mdlm_golf.data import prepare
 
     prepare(first_docs(docs_path, docs, root / "docs.jsonl"), root / "D", tokenizer, **prepare_args)

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from conftest import SHARD_TOKENS, VAL_DOCS
 from mdlm_golf.config import BOS_ID, Config
 from mdlm_golf.loader import ShardedLoader
 from mdlm_golf.data import (
@@ -149,15 +150,17 @@ def test_missing_and_unreadable_shards(tmp_path):
 
 @pytest.fixture(scope="module")
 def shared_encoded(shared_docs_path, shared_sp):
-    """(texts, ids per text) of the whole shared corpus under the shared tokenizer."""
+    """(texts, ids per text) of the whole fixture corpus under the challenge tokenizer."""
     texts = list(iter_docs(shared_docs_path))
     return texts, shared_sp.encode(texts, num_threads=THREADS)
 
 
 def test_byte_table_matches_decoded_utf8_on_the_whole_corpus(shared_sp, shared_encoded):
+    """The byte count of every <unk>-free document of the fixture corpus (tests/fixtures/docs_1mb.jsonl, the
+    first 1,187 documents of the shared corpus) equals its sp.decode in UTF-8."""
     table = ByteTable.from_tokenizer(shared_sp, 1024)
     texts, encoded = shared_encoded
-    assert len(texts) == 14499
+    assert len(texts) == 1187
     checked = mismatched = 0
     for ids in encoded:
         if UNK_ID in ids:  # <unk> counts 0 bytes but decodes to " ⁇ ": not comparable
@@ -165,9 +168,9 @@ def test_byte_table_matches_decoded_utf8_on_the_whole_corpus(shared_sp, shared_e
         checked += 1
         counted = int(table.stream_bytes(np.array([BOS_ID, *ids])).sum())
         mismatched += counted != len(shared_sp.decode(ids).encode("utf-8"))
-    # 2,184 of the 14,499 documents hold a character outside the vocabulary (-> <unk>), so 12,315
-    # documents are checkable; the brief's "> 14000" cannot hold for this corpus.
-    assert checked > 12000
+    # 178 of the 1,187 documents hold a character outside the vocabulary (-> <unk>), so 1,009 are
+    # checkable (on the whole shared corpus: 12,315 of 14,499, all matching too)
+    assert checked == 1009
     assert mismatched == 0
 
 
@@ -218,28 +221,28 @@ def test_byte_table_token_by_token(shared_sp):
 
 def test_prepare_shared_corpus(prepared_data, shared_docs_path, shared_encoded):
     texts, encoded = shared_encoded
-    stats = json.loads(shared_docs_path.with_name("docs_selected.stats.json").read_text())
+    stats = json.loads(shared_docs_path.with_suffix(".stats.json").read_text())  # counted independently
     manifest = json.loads((prepared_data / "manifest.json").read_text())
     assert manifest["vocab_size"] == 1024 and manifest["bos_id"] == BOS_ID
-    assert manifest["val"]["docs"] == 500
-    assert manifest["train"]["docs"] == len(texts) - 500 == stats["num_docs"] - 500
+    assert manifest["val"]["docs"] == VAL_DOCS
+    assert manifest["train"]["docs"] == len(texts) - VAL_DOCS == stats["num_docs"] - VAL_DOCS
     assert manifest["val"]["tokens"] + manifest["train"]["tokens"] == stats["tokens_with_bos_sp1024"]
     for split in ("val", "train"):
         paths = shard_paths(prepared_data, split)
         assert manifest[split]["shards"] == [p.name for p in paths]
         counts = [read_shard_header(p) for p in paths]
         assert sum(counts) == manifest[split]["tokens"]
-        assert all(c == 1_000_000 for c in counts[:-1]) and 0 < counts[-1] <= 1_000_000
-        assert len(paths) == -(-manifest[split]["tokens"] // 1_000_000)
-    assert len(manifest["train"]["shards"]) > 1
+        assert all(c == SHARD_TOKENS for c in counts[:-1]) and 0 < counts[-1] <= SHARD_TOKENS
+        assert len(paths) == -(-manifest[split]["tokens"] // SHARD_TOKENS)
+        assert len(paths) > 1  # both splits span several shards
 
     val = load_split(prepared_data, "val", 1024)
     train = load_split(prepared_data, "train", 1024)
     assert val[0] == BOS_ID and train[0] == BOS_ID
     assert (val == BOS_ID).sum() + (train == BOS_ID).sum() == len(texts)
     docs = [np.array([BOS_ID, *ids], dtype=np.uint16) for ids in encoded]
-    np.testing.assert_array_equal(val, np.concatenate(docs[:500]))  # the first 500 docs, in order
-    np.testing.assert_array_equal(train, np.concatenate(docs[500:]))
+    np.testing.assert_array_equal(val, np.concatenate(docs[:VAL_DOCS]))  # the first docs, in order
+    np.testing.assert_array_equal(train, np.concatenate(docs[VAL_DOCS:]))
 
 
 WORDS = ("the quick brown fox jumps over lazy dog a cat sat on mat under warm sun while birds sing "
@@ -398,7 +401,11 @@ def test_doc_windows_on_the_shared_train_split(prepared_data):
         check_windows(train, starts, lengths, seq_len)
     assert (train[starts] != BOS_ID).sum() > 100  # continuation windows were exercised
 
-    loader = ShardedLoader(str(prepared_data / "fineweb_train_*.bin"), 2048, "docs", PAD, 1024, seed=0)
+    # all shards in one group, laid out in file order: the loader's windows are those of the whole split
+    # (a document crossing into a shard of another group is cut there, by design; shards here are small)
+    shards = len(shard_paths(prepared_data, "train"))
+    loader = ShardedLoader(str(prepared_data / "fineweb_train_*.bin"), 2048, "docs", PAD, 1024, seed=0,
+                           shards_per_group=shards)
     rows = np.concatenate([loader.next_rows(8) for _ in range(4)])
     loader.close()
     check_docs_rows(train, rows, 2048)

@@ -21,7 +21,7 @@ from mdlm_golf.download import DownloadError, download  # noqa: E402
 REPO = "fake-org/parameter-golf"
 ROOT = "datasets"
 DS = "fineweb10B_sp1024"
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "fineweb_1024_bpe.model"  # the challenge's, copied
 
 
 def remote(*parts: str) -> str:
@@ -58,7 +58,7 @@ def hub(tmp_path_factory):
             path = work / f"{split}{i}.bin"
             write_shard(path, rng.integers(0, 1024, size=3000 + 100 * i))
             repo.files[shard_remote(split, i)] = path.read_bytes()
-    model = SHARED_TOKENIZER.read_bytes() if SHARED_TOKENIZER.is_file() else b"\x0a\x05fake-sentencepiece-model"
+    model = TOKENIZER.read_bytes()
     repo.files[remote("tokenizers", "fineweb_1024_bpe.model")] = model
     repo.files[remote("tokenizers", "fineweb_1024_bpe.vocab")] = b"<pad>\t0\n<s>\t0\n</s>\t0\n<unk>\t0\n"
     repo.files[remote("manifest.json")] = make_manifest()
