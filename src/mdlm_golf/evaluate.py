@@ -20,7 +20,7 @@ import torch
 from .config import BOS_ID, Config
 from .data import ByteTable
 from .diffusion import Tokens, elbo_grid, masked_nll, reveal_weights, terminal_bits
-from .objective import ar_loss
+from .objective import ar_nll
 from .dist import all_reduce_sum, dist_backend_needs_device, rank_and_world, to_device
 
 MODES = ("strict", "anchored")
@@ -126,9 +126,8 @@ def chain_rule_bits(model, windows: EvalSlices, pad_id: int, vocab_size: int, ba
         rows = slice(start, start + batch_rows)
         x = to_device(windows.tokens[rows], device)
         with autocast:
-            for i in range(x.size(0)):  # one row per call keeps ar_loss's sum per window
-                nats, _ = ar_loss(model, x[i:i + 1], pad_id, vocab_size)
-                bits[start + i] = nats.double() / math.log(2)
+            nll, _ = ar_nll(model, x, pad_id, vocab_size)
+        bits[start:start + x.size(0)] = nll.double().sum(-1) / math.log(2)
     return bits.cpu().numpy()
 
 

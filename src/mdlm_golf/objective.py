@@ -19,13 +19,19 @@ def ar_targets(x0: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tenso
     return inputs, targets, targets != pad_id
 
 
-def ar_loss(model: torch.nn.Module, x0: torch.Tensor, pad_id: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token NLL in nats over scored targets, scored targets)."""
+def ar_nll(model: torch.nn.Module, x0: torch.Tensor, pad_id: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(next-token NLL in nats [B, L-1], 0 at unscored targets; scored targets [B, L-1])."""
     inputs, targets, scored = ar_targets(x0, pad_id)
     logits = model(inputs)[..., :vocab_size]
     nll = F.cross_entropy(logits.reshape(-1, vocab_size).float(), targets.clamp(max=vocab_size - 1).reshape(-1),
                           reduction="none").view(targets.shape)
-    return torch.where(scored, nll, 0.0).sum(), scored.sum()
+    return torch.where(scored, nll, 0.0), scored
+
+
+def ar_loss(model: torch.nn.Module, x0: torch.Tensor, pad_id: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token NLL in nats over scored targets, scored targets)."""
+    nll, scored = ar_nll(model, x0, pad_id, vocab_size)
+    return nll.sum(), scored.sum()
 
 
 def scored_count(x0: torch.Tensor, cfg: Config, noise: Noise) -> torch.Tensor:
