@@ -117,8 +117,10 @@ def test_distributed_eval_equals_single_process_eval(runs, data_dir):
     two = json.loads((run_dir / "e2.json").read_text())
     assert set(one) == set(two) == {"strict", "anchored"}
     for mode in one:
-        for key in ("bits", "tokens", "bytes"):  # 5 slices: rank 0 takes 3, rank 1 takes 2
-            assert two[mode][key] == pytest.approx(one[mode][key], rel=1e-9), (mode, key)
+        for key in ("tokens", "bytes"):  # 5 slices: rank 0 takes 3, rank 1 takes 2
+            assert two[mode][key] == one[mode][key], (mode, key)
+        # float32 forwards over batches of 3 and 2 rows round differently from one batch of 5
+        assert two[mode]["bits"] == pytest.approx(one[mode]["bits"], rel=1e-6), mode
         assert one[mode]["num_seqs"] == two[mode]["num_seqs"] == 5
         assert (one[mode]["world_size"], two[mode]["world_size"]) == (1, 2)
     for out in (single, multi):  # each figure printed once

@@ -519,8 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(e, file=sys.stderr)
         return 2
+    clean = False
     try:
         args.func(args)
+        clean = True
     except BrokenPipeError:  # stdout piped into `head`: stop quietly, and let no flush at exit complain
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -537,5 +539,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mdlm-golf {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
-        shutdown()  # leave the torchrun process group cleanly, or a rank can abort at exit
+        shutdown(clean)  # leave the torchrun process group cleanly, or a rank can abort at exit
     return 0

@@ -1,6 +1,7 @@
 """torchrun environment, device placement and all-reduce helpers; single-process runs need none of it."""
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -64,9 +65,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean run the ranks first meet at a barrier (so none tears down
+    its gloo pairs while a peer still talks to it) and the collected garbage drops DDP's reducer, which
+    holds the group alive past destroy_process_group and can abort a rank at interpreter exit. After a
+    failure a peer may never arrive, so then there is no barrier."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    gc.collect()
+    if clean and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
