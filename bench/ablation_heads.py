@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from mdlm_golf.ablate import ablate
+from mdlm_golf.experiments.ablation import ablate
 from mdlm_golf.config import build_config
-from mdlm_golf.data import prepare
+from mdlm_golf.data.shards import prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HEADS = [2, 4, 8, 16, 32]

@@ -48,7 +48,7 @@ def proc_status() -> dict[str, int]:
 
 def make_shards(docs: Path, tokenizer: Path, out: Path, shards: int, shard_tokens: int) -> float:
     """Tokenize the corpus, repeat it as needed, write fineweb_train_*.bin; returns seconds."""
-    from mdlm_golf.data import iter_docs, load_tokenizer, tokenize_docs, write_shard
+    from mdlm_golf.data.shards import iter_docs, load_tokenizer, tokenize_docs, write_shard
 
     began = time.perf_counter()
     sp = load_tokenizer(tokenizer)
@@ -69,7 +69,7 @@ def child_rss(args: argparse.Namespace) -> None:
     """(a)+(c), in a fresh process so the peak belongs to the loader alone."""
     import gc
 
-    from mdlm_golf.loader import ShardedLoader
+    from mdlm_golf.data.loader import ShardedLoader
 
     gc.collect()
     try:  # reset VmHWM so import-time peaks do not count
@@ -106,7 +106,7 @@ def child_rss(args: argparse.Namespace) -> None:
 
 def throughput(pattern: str, layout: str, seq_len: int, rows: int, seconds: float,
                shards_per_group: int) -> dict:
-    from mdlm_golf.loader import ShardedLoader
+    from mdlm_golf.data.loader import ShardedLoader
 
     waits = []
     loader = ShardedLoader(pattern, seq_len, layout, 1025, 1024, seed=0,

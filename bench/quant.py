@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mdlm_golf.artifact import (  # noqa: E402
+from mdlm_golf.artifact.export import (  # noqa: E402
     FORMAT_BITS, LIMIT_BYTES, available_compressors, calibration_batches, code_bytes, compressor_functions,
     encode_artifact, layout_name, package_code_paths, parse_spec, quantization_penalty, quantize_model,
     read_meta, roundtrip_model)
@@ -55,7 +55,7 @@ def synthetic_model(seed: int = 0) -> MDLM:
 
 
 def eval_inputs(args, cfg, state: dict):
-    from mdlm_golf.data import ByteTable, load_split, load_tokenizer
+    from mdlm_golf.data.shards import ByteTable, load_split, load_tokenizer
 
     tokenizer = args.tokenizer or state.get("tokenizer")
     if not tokenizer:
@@ -142,7 +142,7 @@ def main() -> None:
     if "gptq" in methods:
         if not args.data:
             parser.error("--method gptq needs --data DIR for calibration batches")
-        from mdlm_golf.data import read_shard, shard_paths
+        from mdlm_golf.data.shards import read_shard, shard_paths
 
         train_tokens = read_shard(shard_paths(Path(args.data), "train")[0], cfg.vocab_size)
         calibration = [(x.to(device), s.to(device)) for x, s in

@@ -45,14 +45,14 @@ import numpy as np
 import torch
 
 from mdlm_golf.config import BOS_ID, LAYOUTS, Config, build_config
-from mdlm_golf.data import copy_rows, doc_windows, read_shard, shard_paths
+from mdlm_golf.data.shards import copy_rows, doc_windows, read_shard, shard_paths
 from mdlm_golf.dist import init_distributed
-from mdlm_golf.evaluate import EvalSlices, elbo_bits
-from mdlm_golf.loader import ShardedLoader
+from mdlm_golf.eval.elbo import EvalSlices, elbo_bits
+from mdlm_golf.data.loader import ShardedLoader
 from mdlm_golf.model import MDLM
-from mdlm_golf.optim import build_optimizer
-from mdlm_golf.train import PEAK_FLOPS, build_objective, lr_factor, matmul_params, pick_device, train_step, warm_up
-from mdlm_golf.train import flops_per_token as train_flops_per_token
+from mdlm_golf.train.optim import build_optimizer
+from mdlm_golf.train.loop import PEAK_FLOPS, build_objective, lr_factor, matmul_params, pick_device, train_step, warm_up
+from mdlm_golf.train.loop import flops_per_token as train_flops_per_token
 
 from machine import cpu_model  # bench/machine.py; the script's folder is on sys.path
 

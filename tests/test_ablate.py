@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import small_data
 
-import mdlm_golf.ablate as ablate_mod
-from mdlm_golf.ablate import ablate, conclusion, write_report
+import mdlm_golf.experiments.ablation as ablate_mod
+from mdlm_golf.experiments.ablation import ablate, conclusion, write_report
 from mdlm_golf.config import build_config
 
 

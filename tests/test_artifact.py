@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdlm_golf.artifact import (
+from mdlm_golf.artifact.export import (
     COMPRESSORS, GROUPS, LIMIT_BYTES, ArtifactError, OversizeError, calibration_batches,
     clip_search, code_bytes, compressor_functions, dequantize_rows, dequantize_state_dict, encode_artifact,
     export_artifact, format_size_table, fp16_scale, gptq_codes, load_artifact, pack_bits, packed_size,
@@ -286,7 +286,7 @@ def test_corrupt_and_missing_artifact(tmp_path, artifact_bytes):
 
 
 def test_tensor_table_that_does_not_match_the_payload(tmp_path, artifact_bytes):
-    from mdlm_golf.artifact import HEADER, MAGIC, VERSION, read_meta, seal_artifact
+    from mdlm_golf.artifact.export import HEADER, MAGIC, VERSION, read_meta, seal_artifact
 
     meta, payload = read_meta(Path("<memory>"), artifact_bytes)
     meta["tensors"][0]["rows"] += 1
@@ -344,7 +344,7 @@ def test_package_code_bytes_default(tmp_path, checkpoint):
 
     report = export_artifact(checkpoint, tmp_path / "a.mdlm", "int8", "zlib", attribute=False)
     package = Path(mdlm_golf.__file__).parent
-    assert report["code_bytes"] == sum(p.stat().st_size for p in package.glob("*.py"))
+    assert report["code_bytes"] == sum(p.stat().st_size for p in package.rglob("*.py"))
     assert "compressed_bytes" not in report["groups"][0]
 
 
@@ -393,8 +393,8 @@ def test_export_with_gptq(tmp_path, checkpoint, prepared_data):
 # ---------------------------------------------------------------- the penalty on a trained model
 
 def test_int8_round_trip_bpb_close_to_float(prepared_data, shared_tokenizer_path, tmp_path):
-    from mdlm_golf.data import ByteTable, load_split, load_tokenizer
-    from mdlm_golf.train import train
+    from mdlm_golf.data.shards import ByteTable, load_split, load_tokenizer
+    from mdlm_golf.train.loop import train
 
     cfg = build_config("tiny", environ={}, overrides={"steps": 30})
     train(cfg, prepared_data, tmp_path / "run", shared_tokenizer_path, run_eval=False, echo=lambda _: None)

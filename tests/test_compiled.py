@@ -10,7 +10,7 @@ import torch
 from mdlm_golf.config import BOS_ID, build_config
 from mdlm_golf.diffusion import draw_noise
 from mdlm_golf.objective import Objective
-from mdlm_golf.evaluate import evaluate
+from mdlm_golf.eval.elbo import evaluate
 from mdlm_golf.model import MDLM
 
 

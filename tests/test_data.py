@@ -1,4 +1,4 @@
-"""Shard format, byte table, corpus preparation and batch assembly (mdlm_golf.data)."""
+"""Shard format, byte table, corpus preparation and batch assembly (mdlm_golf.data.shards)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import pytest
 
 from conftest import SHARD_TOKENS, VAL_DOCS
 from mdlm_golf.config import BOS_ID, Config
-from mdlm_golf.loader import ShardedLoader
-from mdlm_golf.data import (
+from mdlm_golf.data.loader import ShardedLoader
+from mdlm_golf.data.shards import (
     HEADER_BYTES, ByteTable, DataError, doc_windows, copy_rows, iter_docs,
     load_split, prepare, read_shard, read_shard_header, shard_paths, write_shard,
 )
@@ -273,7 +273,7 @@ def split_docs(stream: np.ndarray) -> list[np.ndarray]:
 
 
 def test_prepare_trains_a_tokenizer(tmp_path):
-    from mdlm_golf.data import load_tokenizer
+    from mdlm_golf.data.shards import load_tokenizer
 
     texts = synthetic_docs(400)
     docs = write_jsonl(tmp_path / "docs.jsonl", texts)

@@ -1,4 +1,4 @@
-"""mdlm_golf.download against a local fake Hub (tests/hub_server.py); nothing touches the network."""
+"""mdlm_golf.data.download against a local fake Hub (tests/hub_server.py); nothing touches the network."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,8 @@ pytest.importorskip("huggingface_hub")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hub_server import FakeHub  # noqa: E402
 
-from mdlm_golf.data import DataError, read_shard, write_shard  # noqa: E402
-from mdlm_golf.download import DownloadError, download  # noqa: E402
+from mdlm_golf.data.shards import DataError, read_shard, write_shard  # noqa: E402
+from mdlm_golf.data.download import DownloadError, download  # noqa: E402
 
 REPO = "fake-org/parameter-golf"
 ROOT = "datasets"

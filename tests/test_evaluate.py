@@ -11,7 +11,7 @@ from torch import nn
 
 from mdlm_golf.config import BOS_ID, build_config
 from mdlm_golf.diffusion import Tokens, elbo_grid, masked_nll, reveal_weights
-from mdlm_golf.evaluate import LEGACY_BYTES_PER_TOKEN, elbo_bits, evaluate, make_slices, slice_mask_draws
+from mdlm_golf.eval.elbo import LEGACY_BYTES_PER_TOKEN, elbo_bits, evaluate, make_slices, slice_mask_draws
 from mdlm_golf.model import MDLM
 
 V = 1024

@@ -19,11 +19,11 @@ from conftest import clean_env, small_data
 import torch
 
 import mdlm_golf.checkpoint
-import mdlm_golf.train
+import mdlm_golf.train.loop
 from mdlm_golf.checkpoint import read_checkpoint
 from mdlm_golf.cli import main
 from mdlm_golf.config import build_config
-from mdlm_golf.train import train
+from mdlm_golf.train.loop import train
 
 TIMEOUT = 240  # seconds for any one subprocess
 CPU = torch.device("cpu")
@@ -196,13 +196,13 @@ def test_crash_mid_checkpoint_keeps_the_previous_one(data_dir, shared_tokenizer_
 @pytest.mark.parametrize("bad_step, value, checkpoint_every", [(3, float("nan"), 2), (1, float("inf"), 0)])
 def test_non_finite_loss_names_the_step_and_writes_nothing(data_dir, shared_tokenizer_path, tmp_path, capsys,
                                                            monkeypatch, bad_step, value, checkpoint_every):
-    original = mdlm_golf.train.train_step
+    original = mdlm_golf.train.loop.train_step
 
     def spoiled(*args, **kwargs):
         loss = original(*args, **kwargs)
         return loss * value if step_arg(original, args, kwargs) + 1 >= bad_step else loss
 
-    monkeypatch.setattr(mdlm_golf.train, "train_step", spoiled)
+    monkeypatch.setattr(mdlm_golf.train.loop, "train_step", spoiled)
     run = tmp_path / "RUN"
     cfg = tiny(steps=6, log_every=5, checkpoint_every=checkpoint_every)
     with pytest.raises(FloatingPointError) as err:
@@ -231,13 +231,13 @@ def test_non_finite_loss_names_the_step_and_writes_nothing(data_dir, shared_toke
 # ---------------------------------------------------------------- the wall-clock cap
 
 def test_wallclock_cap_stops_at_a_step_boundary(data_dir, shared_tokenizer_path, tmp_path, monkeypatch):
-    original = mdlm_golf.train.train_step
+    original = mdlm_golf.train.loop.train_step
 
     def slow(*args, **kwargs):
         time.sleep(0.05)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(mdlm_golf.train, "train_step", slow)
+    monkeypatch.setattr(mdlm_golf.train.loop, "train_step", slow)
     run = tmp_path / "RUN"
     cfg = tiny(steps=10_000, max_wallclock=0.5, log_every=1, eval_num_seqs=2, elbo_steps=2)
     summary = train(cfg, data_dir, run, shared_tokenizer_path, device=CPU)

@@ -14,7 +14,7 @@ import torch
 
 from conftest import small_data
 from mdlm_golf.config import build_config
-from mdlm_golf.train import train
+from mdlm_golf.train.loop import train
 
 # Every field the losses depend on, pinned here rather than read from the "tiny" preset.
 SETTINGS = dict(num_layers=2, model_dim=64, num_heads=2, mlp_mult=3, cond_dim=32, seq_len=64, batch_rows=8,

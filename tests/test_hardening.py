@@ -13,13 +13,13 @@ import pytest
 import torch
 from conftest import small_data
 
-import mdlm_golf.data
-import mdlm_golf.train
+import mdlm_golf.data.shards
+import mdlm_golf.train.loop
 from mdlm_golf.checkpoint import read_checkpoint
 from mdlm_golf.cli import main
 from mdlm_golf.config import RANGES, Config, build_config, describe_range
-from mdlm_golf.data import DataError, load_split, prepare, shard_paths, write_shard
-from mdlm_golf.train import RUN_FILES, train
+from mdlm_golf.data.shards import DataError, load_split, prepare, shard_paths, write_shard
+from mdlm_golf.train.loop import RUN_FILES, train
 
 CPU = torch.device("cpu")
 TINY = ["--preset", "tiny", "--log-every", "1"]
@@ -270,7 +270,7 @@ def test_disk_full_is_one_line_naming_the_file(data_dir, tmp_path, monkeypatch, 
     def full(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path.with_name(f".{path.name}.tmp123")))
 
-    monkeypatch.setattr(mdlm_golf.data, "write_text_atomic", full)
+    monkeypatch.setattr(mdlm_golf.data.shards, "write_text_atomic", full)
     tokenizer = json.loads((data_dir / "manifest.json").read_text())["tokenizer"]
     out = tmp_path / "D"
     assert main(["prepare", "--docs", str(data_dir.parent / "docs.jsonl"), "--tokenizer", tokenizer,
@@ -285,14 +285,14 @@ def test_keyboard_interrupt_in_a_command_exits_130(monkeypatch, tmp_path, capsys
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mdlm_golf.data, "prepare", interrupted)
+    monkeypatch.setattr(mdlm_golf.cli, "prepare", interrupted)
     assert main(["prepare", "--docs", "d", "--out", str(tmp_path / "D")]) == 130
     assert capsys.readouterr().err == "mdlm-golf prepare: interrupted\n"
 
 
 def interrupt_at(monkeypatch, step: int, times: int) -> None:
     """Make train_step send this process SIGINT `times` times during 0-based step `step`."""
-    original = mdlm_golf.train.train_step
+    original = mdlm_golf.train.loop.train_step
 
     def ctrl_c(*args, **kwargs):
         loss = original(*args, **kwargs)
@@ -301,7 +301,7 @@ def interrupt_at(monkeypatch, step: int, times: int) -> None:
                 os.kill(os.getpid(), signal.SIGINT)
         return loss
 
-    monkeypatch.setattr(mdlm_golf.train, "train_step", ctrl_c)
+    monkeypatch.setattr(mdlm_golf.train.loop, "train_step", ctrl_c)
 
 
 def test_ctrl_c_in_training_checkpoints_like_sigterm(data_dir, shared_tokenizer_path, tmp_path, monkeypatch):

@@ -16,19 +16,19 @@ import pytest
 from conftest import clean_env, synthetic_byte_table, synthetic_val, zipf_unigram
 import torch
 
-from mdlm_golf.artifact import (
+from mdlm_golf.artifact.export import (
     HEADER, MAGIC, ArtifactError, encode_artifact, load_artifact, quantize_model, read_meta, seal_artifact,
 )
 from mdlm_golf.checkpoint import (
     COMMENT_BYTES, FORMAT, CheckpointError, load_model, read_checkpoint, save_checkpoint, seal_file,
 )
 from mdlm_golf.config import build_config
-from mdlm_golf.data import write_shard
-from mdlm_golf.evaluate import evaluate
+from mdlm_golf.data.shards import write_shard
+from mdlm_golf.eval.elbo import evaluate
 from mdlm_golf.files import atomic_path, write_bytes_atomic
-from mdlm_golf.loader import ShardedLoader
+from mdlm_golf.data.loader import ShardedLoader
 from mdlm_golf.model import MDLM
-from mdlm_golf.optim import WeightEMA, build_optimizer
+from mdlm_golf.train.optim import WeightEMA, build_optimizer
 
 CPU = torch.device("cpu")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mdlm_golf.config import build_config
-from mdlm_golf.train import train
+from mdlm_golf.train.loop import train
 
 # A small model, 16 x 128-token rows per step, a long warmdown, on the fixture corpus (~343k train tokens,
 # so ~9 passes). Measured (1500 steps, lr 3e-3): strict bpb / init bpb = 0.687 (seed 1337), 0.665 (seed 1),

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdlm_golf import data as data_mod
-from mdlm_golf.data import DataError, copy_rows, doc_windows, write_shard
-from mdlm_golf.loader import ShardedLoader
+import mdlm_golf.data.shards as data_mod
+from mdlm_golf.data.shards import DataError, copy_rows, doc_windows, write_shard
+from mdlm_golf.data.loader import ShardedLoader
 
 VOCAB = 65536  # every non-BOS token encodes its global position: 2 + p
 PAD = 0  # never a data token
@@ -321,6 +321,6 @@ def test_unreadable_shards(shards, monkeypatch):
             if Path(path) == paths[3]:
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(path, *a, **k)
-        monkeypatch.setattr("mdlm_golf.data.open", fake_open, raising=False)
+        monkeypatch.setattr("mdlm_golf.data.shards.open", fake_open, raising=False)
     with pytest.raises(DataError, match="fineweb_train_000003.bin: cannot read shard \\(Permission denied\\)"):
         make(tmp_path)

@@ -12,9 +12,9 @@ from torch import nn
 
 from mdlm_golf.config import BOS_ID, build_config
 from mdlm_golf.diffusion import Tokens, suppress_special
-from mdlm_golf.evaluate import make_slices, scored_positions
+from mdlm_golf.eval.elbo import make_slices, scored_positions
 from mdlm_golf.model import MDLM
-from mdlm_golf.planned import (ORDERS, Schedule, evaluate_planned, format_planned_result, masked_start,
+from mdlm_golf.eval.planned import (ORDERS, Schedule, evaluate_planned, format_planned_result, masked_start,
                                planned_bits, run_planned)
 
 V = 1024

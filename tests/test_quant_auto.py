@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mdlm_golf.artifact import (
+from mdlm_golf.artifact.export import (
     AUTO_SPECS, FORMAT_BITS, GROUPS, OversizeError, build_artifact, choose_spec, export_artifact,
     format_size_table, load_artifact, param_group, parse_spec, read_artifact, spec_quantizer)
 from mdlm_golf.checkpoint import save_checkpoint

@@ -12,15 +12,15 @@ import pytest
 from conftest import small_data, synthetic_byte_table, synthetic_val, zipf_unigram
 import torch
 
-import mdlm_golf.train
+import mdlm_golf.train.loop
 from mdlm_golf.cli import main
 from mdlm_golf.config import BOS_ID, build_config
 from mdlm_golf.diffusion import Noise, Tokens, diffusion_loss
-from mdlm_golf.evaluate import evaluate
+from mdlm_golf.eval.elbo import evaluate
 from mdlm_golf.model import MDLM, document_ids, document_mask
-from mdlm_golf.optim import Muon, WeightEMA
+from mdlm_golf.train.optim import Muon, WeightEMA
 from mdlm_golf.sampling import generate
-from mdlm_golf.train import lr_factor, train
+from mdlm_golf.train.loop import lr_factor, train
 
 CPU = torch.device("cpu")
 
@@ -203,17 +203,17 @@ def test_weight_ema_tracks_the_average():
 @pytest.mark.slow
 def test_ema_and_muon_resume_exactly(data_dir, shared_tokenizer_path, tmp_path, monkeypatch):
     cfg = tiny(steps=8, log_every=1, checkpoint_every=4, ema=0.9, optimizer="muon", time_cond=False)
-    original = mdlm_golf.train.train_step
+    original = mdlm_golf.train.loop.train_step
 
     def crash_at_step_5(*args, **kwargs):
         if args[5] == 5:
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(mdlm_golf.train, "train_step", crash_at_step_5)
+    monkeypatch.setattr(mdlm_golf.train.loop, "train_step", crash_at_step_5)
     with pytest.raises(RuntimeError, match="simulated"):
         train(cfg, data_dir, tmp_path / "RUN", shared_tokenizer_path, run_eval=False, device=CPU)
-    monkeypatch.setattr(mdlm_golf.train, "train_step", original)
+    monkeypatch.setattr(mdlm_golf.train.loop, "train_step", original)
     train(cfg, data_dir, tmp_path / "RUN", shared_tokenizer_path, run_eval=False, resume=True, device=CPU)
     train(cfg, data_dir, tmp_path / "REF", shared_tokenizer_path, run_eval=False, device=CPU)
     got, want = torch.load(tmp_path / "RUN" / "model.pt"), torch.load(tmp_path / "REF" / "model.pt")
@@ -256,7 +256,7 @@ def test_race_trains_each_recipe_and_tables_the_gap_to_ar(data_dir, tmp_path, ca
 def test_record_preset_default_export_fits(tmp_path):
     """With zlib alone, one code per byte: the default (best of every compressor and layout) is never
     larger for any spec, so if this fits, the default export fits at a spec at least as precise."""
-    from mdlm_golf.artifact import AUTO_MIN_MARGIN, LIMIT_BYTES, export_artifact
+    from mdlm_golf.artifact.export import AUTO_MIN_MARGIN, LIMIT_BYTES, export_artifact
     from mdlm_golf.checkpoint import save_checkpoint
 
     cfg = build_config("record", environ={})

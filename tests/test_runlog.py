@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import clean_env, small_data
 
-import mdlm_golf.train
+import mdlm_golf.train.loop
 from mdlm_golf.config import build_config
 from mdlm_golf.model import MDLM
-from mdlm_golf.train import flops_per_token, lr_factor, peak_flops, step_line, train
+from mdlm_golf.train.loop import flops_per_token, lr_factor, peak_flops, step_line, train
 
 CPU = torch.device("cpu")
 STEP_SECONDS = 0.125  # a binary fraction: sums of it are exact
@@ -48,7 +48,7 @@ class FakeClock:
 
     def __init__(self, monkeypatch):
         self.now, self.steps, self.votes = 0.0, 0, []
-        step, reduce = mdlm_golf.train.train_step, mdlm_golf.train.all_reduce_sum
+        step, reduce = mdlm_golf.train.loop.train_step, mdlm_golf.train.loop.all_reduce_sum
 
         def timed_step(*args, **kwargs):
             self.steps += 1
@@ -62,9 +62,9 @@ class FakeClock:
                 self.votes.append(self.steps)
             return reduce(tensor)
 
-        monkeypatch.setattr(mdlm_golf.train, "train_step", timed_step)
-        monkeypatch.setattr(mdlm_golf.train, "all_reduce_sum", counted_reduce)
-        monkeypatch.setattr(mdlm_golf.train, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+        monkeypatch.setattr(mdlm_golf.train.loop, "train_step", timed_step)
+        monkeypatch.setattr(mdlm_golf.train.loop, "all_reduce_sum", counted_reduce)
+        monkeypatch.setattr(mdlm_golf.train.loop, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
 
 
 def test_an_uncapped_run_votes_only_at_log_steps(data_dir, shared_tokenizer_path, tmp_path, monkeypatch):

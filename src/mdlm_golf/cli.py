@@ -10,12 +10,23 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .artifact import OversizeError, export_artifact, format_size_table, load_artifact
+from .checkpoint import load_model, run_checkpoint
+from .coder import compress_file, decompress_file
 from .config import (MAX_SEED, MAX_VOCAB, PRESETS, build_config, check_field, describe_range, field_types,
                      in_range, parse_value)
-from .data import MIN_VOCAB, DataError, read_manifest
+from .data import MIN_VOCAB, ByteTable, DataError, load_split, load_tokenizer, prepare, read_manifest
+from .data.download import download
+from .demo import run_demo
 from .diffusion import GRIDS
-from .files import write_text_atomic
-from .planned import ORDERS
+from .dist import init_distributed, shutdown
+from .eval import (MODES, ORDERS, evaluate, evaluate_planned, format_planned_result, format_result,
+                   projected_seconds)
+from .experiments import RECIPES, ablate, parse_recipe, race
+from .files import write_bytes_atomic, write_text_atomic
+from .sampling import decode_rows, generate
+from .submission import write_submission
+from .train import claim_run_dir, pick_device, resume_config, train
 
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp\d+$")  # files.atomic_path's temporary of NAME
 
@@ -89,7 +100,6 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from .data import prepare
 
     manifest = prepare(Path(args.docs), Path(args.out), Path(args.tokenizer) if args.tokenizer else None,
                        args.vocab_size, args.val_docs, args.shard_tokens, overwrite=args.overwrite)
@@ -100,7 +110,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import claim_run_dir, resume_config, train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -116,7 +125,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from .ablate import ablate
 
     base = build_config(args.preset, overrides=config_overrides(args))
     seeds = parse_seeds(args.seeds) if args.seeds else [base.seed]
@@ -125,7 +133,6 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def cmd_race(args: argparse.Namespace) -> None:
-    from .race import RECIPES, parse_recipe, race
 
     base = build_config(args.preset, overrides=config_overrides(args))
     seeds = parse_seeds(args.seeds)
@@ -135,14 +142,9 @@ def cmd_race(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model, run_checkpoint
-    from .data import ByteTable, load_split, load_tokenizer
-    from .dist import init_distributed
-    from .evaluate import MODES, evaluate, format_result, projected_seconds
 
     env = init_distributed()
     if args.artifact:
-        from .artifact import load_artifact
 
         model, cfg, state = load_artifact(Path(args.artifact), env.device)  # scores what ships
     else:
@@ -158,7 +160,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     seed = cfg.seed if args.seed is None else args.seed
     modes = MODES if args.mode == "both" else (args.mode,)
     if args.method == "planned":
-        from .planned import evaluate_planned, format_planned_result
 
         results = evaluate_planned(model, val, byte_table, cfg, order=args.order,
                                    **planned_schedule(args, DEFAULT_EVAL_PASSES), num_seqs=num_seqs,
@@ -203,8 +204,6 @@ def add_planned_flags(p: argparse.ArgumentParser, default_passes: int) -> None:
 
 def coder_model(args: argparse.Namespace):
     """The run's model on the CPU (the coder needs bit-identical float32) and its tokenizer."""
-    from .checkpoint import load_model, run_checkpoint
-    from .data import load_tokenizer
 
     model, cfg, state = load_model(run_checkpoint(Path(args.run)), "cpu")
     tokenizer = args.tokenizer or state.get("tokenizer")
@@ -214,7 +213,6 @@ def coder_model(args: argparse.Namespace):
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .coder import compress_file
 
     try:  # read before loading the model: a bad path fails at once
         data = Path(args.input).read_bytes()
@@ -230,8 +228,6 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_decompress(args: argparse.Namespace) -> None:
-    from .coder import decompress_file
-    from .files import write_bytes_atomic
 
     model, cfg, sp = coder_model(args)
     data = decompress_file(model, cfg, sp, Path(args.input))
@@ -240,8 +236,6 @@ def cmd_decompress(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .artifact import OversizeError, export_artifact, format_size_table
-    from .checkpoint import run_checkpoint
 
     packed = {"packed": True, "bytes": False, "best": None}[args.layout]
     try:
@@ -259,11 +253,6 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_submission(args: argparse.Namespace) -> None:
-    from .artifact import load_artifact
-    from .data import ByteTable, load_split, load_tokenizer
-    from .evaluate import evaluate
-    from .submission import write_submission
-    from .train import pick_device
 
     device = pick_device()
     model, cfg, meta = load_artifact(Path(args.artifact), device)
@@ -278,13 +267,11 @@ def cmd_submission(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
 
     run_demo(Path(args.out), steps=args.steps)
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from .download import download
 
     out = Path(args.out)
     paths = download(out, args.variant, args.train_shards, repo_id=args.repo_id,
@@ -295,17 +282,12 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .data import load_tokenizer
-    from .sampling import decode_rows, generate
-    from .train import pick_device
 
     device = pick_device()
     if args.artifact:
-        from .artifact import load_artifact
 
         model, cfg, meta = load_artifact(Path(args.artifact), device)
     else:
-        from .checkpoint import load_model, run_checkpoint
 
         model, cfg, meta = load_model(run_checkpoint(Path(args.run)), device)
     tokenizer = args.tokenizer or meta.get("tokenizer")
@@ -512,7 +494,6 @@ def describe_os_error(e: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every expected failure is one line `mdlm-golf CMD: error: ...` and exit 2."""
-    from .dist import shutdown
 
     try:
         args = build_parser().parse_args(argv)

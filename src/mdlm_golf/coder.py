@@ -49,7 +49,7 @@ import torch
 from .config import BOS_ID, Config
 from .diffusion import Tokens
 from .files import write_bytes_atomic
-from .planned import ORDERS, Schedule, check_order, masked_start, require_mdlm, run_planned
+from .eval import ORDERS, Schedule, check_order, masked_start, require_mdlm, run_planned
 
 MAGIC = b"MDZ1"
 VERSION = 2  # 2: files are lossless (bytes CRC, escape section)

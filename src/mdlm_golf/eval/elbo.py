@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import BOS_ID, Config
-from .data import ByteTable
-from .diffusion import Tokens, elbo_grid, masked_nll, reveal_weights, terminal_bits
-from .objective import ar_nll
-from .dist import all_reduce_sum, dist_backend_needs_device, rank_and_world, to_device
+from ..config import BOS_ID, Config
+from ..data import ByteTable
+from ..diffusion import Tokens, elbo_grid, masked_nll, reveal_weights, terminal_bits
+from ..objective import ar_nll
+from ..dist import all_reduce_sum, dist_backend_needs_device, rank_and_world, to_device
 
 MODES = ("strict", "anchored")
 HEADLINE_MODES = ("strict",)  # the figure a run is judged by (an AR run has one figure, "ar")

@@ -12,8 +12,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .config import LAYOUTS
-from .data import DataError, copy_rows, doc_windows, read_shard, read_shard_header
+from ..config import LAYOUTS
+from .shards import DataError, copy_rows, doc_windows, read_shard, read_shard_header
 
 STATE_VERSION = 1
 

@@ -20,16 +20,16 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import CheckpointError, read_checkpoint, run_checkpoint, save_checkpoint
-from .config import BOS_ID, Config, config_from_dict
-from .files import read_json_object, write_text_atomic
-from .data import ByteTable, load_split, load_tokenizer, shard_paths
-from .diffusion import Noise, draw_noise
-from .dist import DistEnv, all_reduce_sum, barrier, dist_backend_needs_device, init_distributed, to_device
-from .evaluate import HEADLINE_MODES, evaluate, format_result, headline
-from .loader import ShardedLoader
-from .model import MDLM
-from .objective import Objective, scored_count
+from ..checkpoint import CheckpointError, read_checkpoint, run_checkpoint, save_checkpoint
+from ..config import BOS_ID, Config, config_from_dict
+from ..files import read_json_object, write_text_atomic
+from ..data import ByteTable, load_split, load_tokenizer, shard_paths
+from ..diffusion import Noise, draw_noise
+from ..dist import DistEnv, all_reduce_sum, barrier, dist_backend_needs_device, init_distributed, to_device
+from ..eval import HEADLINE_MODES, evaluate, format_result, headline
+from ..data import ShardedLoader
+from ..model import MDLM
+from ..objective import Objective, scored_count
 from .optim import Optimizers, WeightEMA, build_optimizer
 
 CHECKPOINT_NAME = "checkpoint.pt"  # training state for --resume; model.pt holds the final weights

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Config
-from .data import ByteTable
-from .diffusion import Tokens, sigma, suppress_special
-from .dist import all_reduce_sum, dist_backend_needs_device, rank_and_world
-from .evaluate import MODES, EvalSlices, make_slices, scored_positions, summarize
+from ..config import Config
+from ..data import ByteTable
+from ..diffusion import Tokens, sigma, suppress_special
+from ..dist import all_reduce_sum, dist_backend_needs_device, rank_and_world
+from .elbo import MODES, EvalSlices, make_slices, scored_positions, summarize
 
 ORDERS = ("left-to-right", "confidence", "margin")
 SCORE_BINS = 1024  # confidence and margin are ranked in steps of 1/1024, ties to the leftmost

@@ -9,8 +9,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .config import BOS_ID, MAX_VOCAB
-from .files import atomic_path, read_json_object, write_text_atomic
+from ..config import BOS_ID, MAX_VOCAB
+from ..files import atomic_path, read_json_object, write_text_atomic
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1

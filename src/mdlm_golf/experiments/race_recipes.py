@@ -18,10 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from .ablate import EVAL_SEED, Run, check_reusable, run_record, train_and_score
-from .config import BEST_RECIPE, Config, parse_value
-from .data import ByteTable, load_split, load_tokenizer
-from .files import atomic_path, write_text_atomic
+from .ablation import EVAL_SEED, Run, check_reusable, run_record, train_and_score
+from ..config import BEST_RECIPE, Config, parse_value
+from ..data import ByteTable, load_split, load_tokenizer
+from ..files import atomic_path, write_text_atomic
 
 # The standard field: today's recipe, the AR yardstick, each lever alone on top of today's recipe, and
 # the levers that helped combined. Each names every recipe field, so presets that carry a recipe (demo,

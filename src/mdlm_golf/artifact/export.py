@@ -23,9 +23,9 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .checkpoint import first_non_finite
-from .config import Config, config_from_dict
-from .files import write_bytes_atomic
+from ..checkpoint import first_non_finite
+from ..config import Config, config_from_dict
+from ..files import write_bytes_atomic
 
 MAGIC = b"MDLMGOLF"
 VERSION = 2  # 2: the CRC covers header, metadata and payload (1: payload only)
@@ -233,7 +233,7 @@ def collect_hessians(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
 def calibration_batches(cfg: Config, tokens: np.ndarray, num_batches: int, rows: int,
                         seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Masked (x_t, sigma) batches from contiguous windows of train tokens, t ~ U(0, 1) per row."""
-    from .diffusion import alpha, sigma
+    from ..diffusion import alpha, sigma
 
     generator = torch.Generator().manual_seed(seed)
     windows = tokens.size // cfg.seq_len
@@ -349,7 +349,7 @@ def quantize_model(model: torch.nn.Module, spec: str, *, method: str = "rtn", sm
 
 def roundtrip_model(model: torch.nn.Module, qtensors: list[QuantTensor]) -> torch.nn.Module:
     """A copy of the model carrying the dequantized weights (what the artifact will load as)."""
-    from .model import MDLM
+    from ..model import MDLM
 
     copy = MDLM(model.cfg)
     copy.load_state_dict(dequantize_state_dict(qtensors))
@@ -582,7 +582,7 @@ def read_artifact(path: Path) -> tuple[dict, list[QuantTensor]]:
 
 def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config, dict]:
     """An MDLM with the artifact's dequantized float32 weights, its config and metadata."""
-    from .model import MDLM
+    from ..model import MDLM
 
     meta, qtensors = read_artifact(path)
     try:
@@ -605,7 +605,7 @@ def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[torch
 
 def package_code_paths() -> list[Path]:
     """The code that ships for now: the package's own modules."""
-    return sorted(Path(__file__).resolve().parent.glob("*.py"))
+    return sorted(Path(__file__).resolve().parent.parent.rglob("*.py"))
 
 
 def code_bytes(paths: Iterable[Path]) -> int:
@@ -715,7 +715,7 @@ def export_hessians(model: torch.nn.Module, cfg: Config, method: str, calib_data
         return None
     if calib_data is None:
         raise ValueError("method 'gptq' needs calibration data (a folder with fineweb_train_*.bin)")
-    from .data import read_shard, shard_paths
+    from ..data import read_shard, shard_paths
 
     train_tokens = read_shard(shard_paths(calib_data, "train")[0], cfg.vocab_size)
     return collect_hessians(model, calibration_batches(cfg, train_tokens, calib_batches, calib_rows, seed=cfg.seed))
@@ -743,7 +743,7 @@ def export_artifact(checkpoint_path: Path, out_path: Path, spec: str, compressor
 
     spec "auto" takes the first of AUTO_SPECS that leaves >= min_margin bytes under the limit.
     """
-    from .checkpoint import load_model
+    from ..checkpoint import load_model
 
     model, cfg, state = load_model(checkpoint_path)
     hessians = export_hessians(model, cfg, method, calib_data, calib_batches, calib_rows)
@@ -818,7 +818,7 @@ def quantization_penalty(model: torch.nn.Module, quantized: torch.nn.Module, val
     `reference` is the float model's strict result from an earlier call with the same settings
     (it saves re-evaluating the float model for every spec).
     """
-    from .evaluate import evaluate
+    from ..eval import evaluate
 
     def strict(m: torch.nn.Module) -> dict:
         return evaluate(m, val_tokens, byte_table, cfg, steps=steps, num_seqs=num_seqs, seed=seed,

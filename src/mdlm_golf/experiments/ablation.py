@@ -20,12 +20,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .checkpoint import load_model, run_checkpoint
-from .config import Config, field_types, parse_value
-from .data import ByteTable, load_split, load_tokenizer
-from .evaluate import evaluate, headline
-from .files import atomic_path, write_text_atomic
-from .train import pick_device, train
+from ..checkpoint import load_model, run_checkpoint
+from ..config import Config, field_types, parse_value
+from ..data import ByteTable, load_split, load_tokenizer
+from ..eval import evaluate, headline
+from ..files import atomic_path, write_text_atomic
+from ..train import pick_device, train
 
 EVAL_SEED = 0  # mask seed of every run's evaluation (the `mdlm-golf eval` default)
 SUMMARY_NAME = "train_summary.json"  # written before eval.json: eval.json marks a finished run

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from .data import DataError, read_shard_header
+from .shards import DataError, read_shard_header
 
 # Same env vars and defaults as the challenge's data/cached_challenge_fineweb.py.
 REPO_ID_ENV = "MATCHED_FINEWEB_REPO_ID"
