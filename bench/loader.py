@@ -17,6 +17,7 @@ Prints a table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -29,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from machine import cpu_model  # bench/machine.py; the script's folder is on sys.path
+from mdlm_golf.data import ShardedLoader, load_tokenizer
+from mdlm_golf.data.corpus import iter_docs, tokenize_docs
+from mdlm_golf.data.shards import write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -44,12 +48,8 @@ def proc_status() -> dict[str, int]:
     return out
 
 
-
-
 def make_shards(docs: Path, tokenizer: Path, out: Path, shards: int, shard_tokens: int) -> float:
     """Tokenize the corpus, repeat it as needed, write fineweb_train_*.bin; returns seconds."""
-    from mdlm_golf.data.shards import iter_docs, load_tokenizer, tokenize_docs, write_shard
-
     began = time.perf_counter()
     sp = load_tokenizer(tokenizer)
     corpus = np.concatenate(list(tokenize_docs(sp, list(iter_docs(docs)))))
@@ -67,10 +67,6 @@ def make_shards(docs: Path, tokenizer: Path, out: Path, shards: int, shard_token
 
 def child_rss(args: argparse.Namespace) -> None:
     """(a)+(c), in a fresh process so the peak belongs to the loader alone."""
-    import gc
-
-    from mdlm_golf.data.loader import ShardedLoader
-
     gc.collect()
     try:  # reset VmHWM so import-time peaks do not count
         with open("/proc/self/clear_refs", "w") as f:
@@ -106,8 +102,6 @@ def child_rss(args: argparse.Namespace) -> None:
 
 def throughput(pattern: str, layout: str, seq_len: int, rows: int, seconds: float,
                shards_per_group: int) -> dict:
-    from mdlm_golf.data.loader import ShardedLoader
-
     waits = []
     loader = ShardedLoader(pattern, seq_len, layout, 1025, 1024, seed=0,
                            shards_per_group=shards_per_group, on_wait=lambda e: waits.append(e["wait_s"]))

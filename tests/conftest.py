@@ -40,7 +40,7 @@ def shared_docs_path() -> Path:
 
 @pytest.fixture(scope="session")
 def shared_sp(shared_tokenizer_path):
-    from mdlm_golf.data.shards import load_tokenizer
+    from mdlm_golf.data import load_tokenizer
 
     return load_tokenizer(shared_tokenizer_path)
 
@@ -48,7 +48,7 @@ def shared_sp(shared_tokenizer_path):
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory, shared_docs_path, shared_tokenizer_path) -> Path:
     """The fixture corpus as challenge shards: VAL_DOCS val docs, both splits in SHARD_TOKENS-token shards."""
-    from mdlm_golf.data.shards import prepare
+    from mdlm_golf.data import prepare
 
     out = tmp_path_factory.mktemp("data")
     prepare(shared_docs_path, out, shared_tokenizer_path, val_docs=VAL_DOCS, shard_tokens=SHARD_TOKENS)
@@ -82,7 +82,7 @@ def first_docs(docs_path: Path, count: int, out: Path) -> Path:
 
 def small_data(root: Path, docs_path: Path, tokenizer: Path, docs: int, **prepare_args) -> Path:
     """A prepared data folder from the first `docs` documents of the fixture corpus."""
-    from mdlm_golf.data.shards import prepare
+    from mdlm_golf.data import prepare
 
     prepare(first_docs(docs_path, docs, root / "docs.jsonl"), root / "D", tokenizer, **prepare_args)
     return root / "D"
@@ -90,7 +90,7 @@ def small_data(root: Path, docs_path: Path, tokenizer: Path, docs: int, **prepar
 
 def synthetic_byte_table(seed: int = 0, vocab: int = 1024):
     """Like a SentencePiece table: ids 0-3 are 0-byte boundaries, the rest 1-6 bytes, some with a space."""
-    from mdlm_golf.data.shards import ByteTable
+    from mdlm_golf.data import ByteTable
 
     rng = np.random.default_rng(seed)
     base = rng.integers(1, 7, size=vocab).astype(np.int64)

@@ -1,4 +1,4 @@
-"""Shard format, byte table, corpus preparation and batch assembly (mdlm_golf.data.shards)."""
+"""Shard format, byte table, corpus preparation and batch assembly (mdlm_golf.data)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +10,10 @@ import pytest
 
 from conftest import SHARD_TOKENS, VAL_DOCS
 from mdlm_golf.config import BOS_ID, Config
-from mdlm_golf.data.loader import ShardedLoader
-from mdlm_golf.data.shards import (
-    HEADER_BYTES, ByteTable, DataError, doc_windows, copy_rows, iter_docs,
-    load_split, prepare, read_shard, read_shard_header, shard_paths, write_shard,
-)
+from mdlm_golf.data import ByteTable, DataError, ShardedLoader, load_split, load_tokenizer, prepare
+from mdlm_golf.data.corpus import iter_docs
+from mdlm_golf.data.rows import copy_rows, doc_windows
+from mdlm_golf.data.shards import HEADER_BYTES, read_shard, read_shard_header, shard_paths, write_shard
 
 PAD = Config().pad_id  # vocab + 1
 UNK_ID = 3
@@ -273,8 +272,6 @@ def split_docs(stream: np.ndarray) -> list[np.ndarray]:
 
 
 def test_prepare_trains_a_tokenizer(tmp_path):
-    from mdlm_golf.data.shards import load_tokenizer
-
     texts = synthetic_docs(400)
     docs = write_jsonl(tmp_path / "docs.jsonl", texts)
     out = tmp_path / "data"

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mdlm_golf.data.shards as data_mod
-from mdlm_golf.data.shards import DataError, copy_rows, doc_windows, write_shard
-from mdlm_golf.data.loader import ShardedLoader
+import mdlm_golf.data.rows as rows_mod
+from mdlm_golf.data import DataError, ShardedLoader
+from mdlm_golf.data.rows import copy_rows, doc_windows
+from mdlm_golf.data.shards import write_shard
 
 VOCAB = 65536  # every non-BOS token encodes its global position: 2 + p
 PAD = 0  # never a data token
@@ -62,7 +63,7 @@ def row_pos(row: np.ndarray) -> int | None:
 def expected_rows(loader: ShardedLoader, stream, bounds, epoch: int) -> Counter:
     """Every row an epoch should serve: data.doc_windows over each run of consecutive shards."""
     out = Counter()
-    for group in loader.epoch_groups(epoch):
+    for group in loader.schedule.epoch_groups(epoch):
         runs = []
         for s in group:
             if runs and runs[-1][1] == s:
@@ -86,9 +87,9 @@ def test_chunked_bos_search_matches_a_whole_array_search(monkeypatch):
         if case == 1:
             toks[:] = 4  # no BOS at all
         base = int(rng.integers(0, 1000))
-        monkeypatch.setattr(data_mod, "BOS_CHUNK", 1 << 20)
+        monkeypatch.setattr(rows_mod, "BOS_CHUNK", 1 << 20)
         ref_s, ref_l = doc_windows(toks, 16)
-        monkeypatch.setattr(data_mod, "BOS_CHUNK", 7)  # BOS search across many chunk edges
+        monkeypatch.setattr(rows_mod, "BOS_CHUNK", 7)  # BOS search across many chunk edges
         starts, lengths = doc_windows(toks, 16, base, np.int32)
         np.testing.assert_array_equal(starts, ref_s + base)
         np.testing.assert_array_equal(lengths, ref_l)
@@ -112,7 +113,7 @@ def test_epoch_visits_every_shard_once_and_order_changes(shards):
     log = []
     ld = make(tmp_path, on_wait=log.append)
     assert ld.num_groups == 3
-    e0, e1 = ld.epoch_groups(0), ld.epoch_groups(1)
+    e0, e1 = ld.schedule.epoch_groups(0), ld.schedule.epoch_groups(1)
     for groups in (e0, e1):
         assert sorted(s for g in groups for s in g) == list(range(len(paths)))
     assert e0 != e1
@@ -249,9 +250,9 @@ def test_buffer_is_allocated_once(shards):
     halves_seen = set()
     for _ in range(25):
         ld.next_rows(4)
-        halves_seen.add(ld._current)
+        halves_seen.add(ld.group_buffer.current)
         assert id(ld.buffer) == buf_id and ld.buffer.ctypes.data == ptr
-        assert all(np.shares_memory(h, ld.buffer) for h in ld._halves)
+        assert all(np.shares_memory(h, ld.buffer) for h in ld.group_buffer.halves)
     assert halves_seen == {0, 1}
     assert ld.stats["groups_served"] >= 8 and ld.stats["shards_read"] >= 16
     assert make(tmp_path, prefetch=False).buffer.nbytes == 2 * (3100 + 3000)

@@ -5,8 +5,8 @@ import dataclasses
 
 import torch
 
-from mdlm_golf.config import BOS_ID, build_config
-from mdlm_golf.diffusion import Noise, Tokens, diffusion_loss
+from mdlm_golf.config import BOS_ID, Tokens, build_config
+from mdlm_golf.diffusion import Noise, diffusion_loss
 from mdlm_golf.model import MDLM, document_ids
 
 SEQ = 32

@@ -25,6 +25,9 @@ from typing import Iterator
 
 from .shards import DataError, read_shard_header
 
+# huggingface_hub and tqdm are imported inside the functions that use them: they are slow to import, and
+# nothing but a download needs them (training, evaluation and the record script import this package).
+
 # Same env vars and defaults as the challenge's data/cached_challenge_fineweb.py.
 REPO_ID_ENV = "MATCHED_FINEWEB_REPO_ID"
 REMOTE_ROOT_ENV = "MATCHED_FINEWEB_REMOTE_ROOT_PREFIX"
@@ -70,7 +73,7 @@ class _Hub:
         """One HEAD without retries, so an unreachable endpoint fails fast with a clear message."""
         if self.probed:
             return
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url  # on use (see the imports)
 
         url = hf_hub_url(self.repo_id, remote, repo_type=REPO_TYPE, endpoint=self.endpoint)
         try:
@@ -83,7 +86,7 @@ class _Hub:
         self.probed = True
 
     def error(self, remote: str, e: Exception) -> DownloadError:
-        from huggingface_hub import utils as hf_utils
+        from huggingface_hub import utils as hf_utils  # on use (see the imports)
 
         if isinstance(e, DownloadError):
             return e
@@ -106,7 +109,7 @@ class _Hub:
 
     def fetch(self, remote: str, force: bool = False) -> Path:
         """Download one remote file into the staging folder; returns the staged path."""
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download  # on use (see the imports)
 
         self.probe(remote)
         try:
@@ -114,6 +117,20 @@ class _Hub:
                                         endpoint=self.endpoint, force_download=force))
         except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the file
             raise self.error(remote, e) from None
+
+    def place(self, relative: str, dest: Path, force: bool = False) -> None:
+        """Fetch one file, check it, and only then rename it to its final name."""
+        remote = _join(self.remote_root, relative)
+        staged = self.fetch(remote, force=force)
+        problem = _problem(staged)
+        if problem is None:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, dest)
+            return
+        staged.unlink(missing_ok=True)
+        if not force:  # maybe a bad copy reused from the HF cache: fetch afresh once
+            return self.place(relative, dest, force=True)
+        raise DataError(f"{dest}: downloaded file is corrupt ({problem}); not kept (from {self.where(remote)})")
 
 
 def _local_path(out: Path, relative: str) -> Path:
@@ -124,20 +141,12 @@ def _local_path(out: Path, relative: str) -> Path:
     return out.joinpath(*rel.parts)
 
 
-def _shard_ok(path: Path) -> bool:
-    try:
-        read_shard_header(path)
-        return True
-    except DataError:
-        return False
-
-
 def _file_ok(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
 
 def _problem(path: Path) -> str | None:
-    """Why a freshly downloaded file is unusable, or None."""
+    """Why a file (downloaded, or present from before) is unusable, or None."""
     if _is_shard(path.name):
         try:
             read_shard_header(path)
@@ -196,7 +205,8 @@ def _plan(manifest: dict, variant: str, train_shards: int, where: str) -> tuple[
 @contextmanager
 def _hf_progress_bars(enabled: bool) -> Iterator[None]:
     """Silence huggingface_hub's own per-file byte bars when progress is off (restored after)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import (  # on use (see the imports)
+        are_progress_bars_disabled, disable_progress_bars, enable_progress_bars)
 
     was_disabled = are_progress_bars_disabled()
     if not enabled and not was_disabled:
@@ -208,6 +218,62 @@ def _hf_progress_bars(enabled: bool) -> Iterator[None]:
             enable_progress_bars()
 
 
+def _settings(repo_id: str | None, remote_root: str | None, endpoint: str | None) -> tuple[str, str, str]:
+    """(repo id, remote root, endpoint): the arguments, else the env vars (read now), else the defaults."""
+    repo_id = repo_id or os.environ.get(REPO_ID_ENV) or DEFAULT_REPO_ID
+    if remote_root is None:
+        remote_root = os.environ.get(REMOTE_ROOT_ENV, DEFAULT_REMOTE_ROOT)
+    if endpoint is None:
+        from huggingface_hub import constants  # on use (see the imports)
+
+        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    return repo_id, remote_root.strip().strip("/"), endpoint.rstrip("/")
+
+
+def _fetch_plan(hub: _Hub, manifest_path: Path, variant: str, train_shards: int) -> tuple[list[str], bool]:
+    """(every file to have, relative to the remote root; whether the manifest was fetched).
+
+    A local challenge manifest is used as is, unless it lacks what is asked: then it may be stale,
+    and is fetched again once."""
+    where = f"{hub.repo_id}/{_join(hub.remote_root, 'manifest.json')}"
+    manifest = _load_manifest(manifest_path)
+    if manifest is not None and not isinstance(manifest.get("datasets"), list):
+        raise DownloadError(f"{manifest_path}: exists but is not a challenge export manifest "
+                            "(no \"datasets\" list; e.g. written by prepare); use another --out")
+    fetched = manifest is None
+    if fetched:
+        hub.place("manifest.json", manifest_path)
+        manifest = _load_manifest(manifest_path) or {}
+    try:
+        shards, artifacts = _plan(manifest, variant, train_shards, where)
+    except DownloadError:
+        if fetched:
+            raise
+        hub.place("manifest.json", manifest_path)
+        manifest = _load_manifest(manifest_path) or {}
+        shards, artifacts = _plan(manifest, variant, train_shards, where)
+        fetched = True
+    return shards + artifacts, fetched
+
+
+def _fetch_missing(hub: _Hub, todo: list[tuple[str, Path]], variant: str, progress: bool,
+                   fetched: int) -> None:
+    """Fetch each (remote-relative, local) file not already present and complete, with a file bar."""
+    from tqdm.auto import tqdm  # on use (see the imports)
+
+    with tqdm(total=len(todo) + 1, initial=1, unit="file", desc=f"download {variant}",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for rel, dest in todo:
+            bar.set_postfix_str(dest.name, refresh=True)
+            if _problem(dest) is not None:
+                if dest.exists() and progress:
+                    bar.write(f"{dest}: incomplete or corrupt; downloading again")
+                hub.place(rel, dest)
+                fetched += 1
+            bar.update(1)
+        bar.set_postfix_str(f"{fetched} fetched, {len(todo) + 1 - fetched} already present", refresh=True)
+
+
 def download(out: Path, variant: str = DEFAULT_VARIANT, train_shards: int = DEFAULT_TRAIN_SHARDS, *,
              repo_id: str | None = None, remote_root: str | None = None, endpoint: str | None = None,
              progress: bool = True) -> list[Path]:
@@ -217,79 +283,19 @@ def download(out: Path, variant: str = DEFAULT_VARIANT, train_shards: int = DEFA
     then willdepueoai/parameter-golf and "datasets"; endpoint defaults to $HF_ENDPOINT (read at call
     time), then the Hub. Errors are DataError/DownloadError with a one-line message.
     """
-    from tqdm.auto import tqdm
-
     if train_shards < 0:
         raise DownloadError(f"train_shards must be >= 0, got {train_shards}")
-    repo_id = repo_id or os.environ.get(REPO_ID_ENV) or DEFAULT_REPO_ID
-    if remote_root is None:
-        remote_root = os.environ.get(REMOTE_ROOT_ENV, DEFAULT_REMOTE_ROOT)
-    remote_root = remote_root.strip().strip("/")
-    if endpoint is None:
-        from huggingface_hub import constants
-
-        endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    endpoint = endpoint.rstrip("/")
-
+    repo_id, remote_root, endpoint = _settings(repo_id, remote_root, endpoint)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    where = f"{repo_id}/{_join(remote_root, 'manifest.json')}"
+    manifest_path = out / "manifest.json"
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=out))
-    hub = _Hub(repo_id, remote_root, endpoint, staging)
-    bar = None
     try:
         with _hf_progress_bars(progress):
-
-            def place(relative: str, dest: Path, force: bool = False) -> None:
-                """Fetch one file, check it, and only then rename it to its final name."""
-                remote = _join(remote_root, relative)
-                staged = hub.fetch(remote, force=force)
-                problem = _problem(staged)
-                if problem is None:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(staged, dest)
-                    return
-                staged.unlink(missing_ok=True)
-                if not force:  # maybe a bad copy reused from the HF cache: fetch afresh once
-                    return place(relative, dest, force=True)
-                raise DataError(f"{dest}: downloaded file is corrupt ({problem}); not kept "
-                                f"(from {hub.where(remote)})")
-
-            manifest_path = out / "manifest.json"
-            manifest = _load_manifest(manifest_path)
-            if manifest is not None and not isinstance(manifest.get("datasets"), list):
-                raise DownloadError(f"{manifest_path}: exists but is not a challenge export manifest "
-                                    "(no \"datasets\" list; e.g. written by prepare); use another --out")
-            fresh = fetched = manifest is None
-            if fresh:
-                place("manifest.json", manifest_path)
-                manifest = _load_manifest(manifest_path) or {}
-            try:
-                shards, artifacts = _plan(manifest, variant, train_shards, where)
-            except DownloadError:
-                if fresh:
-                    raise
-                place("manifest.json", manifest_path)  # the local copy may be stale: re-check once
-                fetched = True
-                manifest = _load_manifest(manifest_path) or {}
-                shards, artifacts = _plan(manifest, variant, train_shards, where)
-
-            todo = [(rel, _local_path(out, rel)) for rel in shards + artifacts]
-            bar = tqdm(total=len(todo) + 1, initial=1, unit="file", desc=f"download {variant}",
-                       disable=not progress, dynamic_ncols=True)
-            fetched = int(fetched)
-            for rel, dest in todo:
-                bar.set_postfix_str(dest.name, refresh=True)
-                ok = _shard_ok(dest) if _is_shard(dest.name) else _file_ok(dest)
-                if not ok:
-                    if dest.exists() and progress:
-                        bar.write(f"{dest}: incomplete or corrupt; downloading again")
-                    place(rel, dest)
-                    fetched += 1
-                bar.update(1)
-            bar.set_postfix_str(f"{fetched} fetched, {len(todo) + 1 - fetched} already present", refresh=True)
+            hub = _Hub(repo_id, remote_root, endpoint, staging)
+            files, fetched = _fetch_plan(hub, manifest_path, variant, train_shards)
+            todo = [(rel, _local_path(out, rel)) for rel in files]
+            _fetch_missing(hub, todo, variant, progress, int(fetched))
     finally:
-        if bar is not None:
-            bar.close()
         shutil.rmtree(staging, ignore_errors=True)
     return [manifest_path] + [dest for _, dest in todo]

@@ -1,0 +1,6 @@
+"""Data stage: the challenge's shard format (shards), tokenizer and byte table (tokenizer), prepare (corpus),
+row layouts (rows), groups of shards in memory (groups), the shard-rotating loader (loader), download."""
+from .corpus import MIN_VOCAB, prepare
+from .loader import ShardedLoader
+from .shards import DataError, load_split, read_manifest, read_shard, shard_paths
+from .tokenizer import ByteTable, load_tokenizer
