@@ -9,9 +9,10 @@ from conftest import UnigramDenoiser, synthetic_byte_table, synthetic_val, zipf_
 import torch
 from torch import nn
 
-from mdlm_golf.config import BOS_ID, build_config
-from mdlm_golf.diffusion import Tokens, elbo_grid, masked_nll, reveal_weights
-from mdlm_golf.eval.elbo import LEGACY_BYTES_PER_TOKEN, elbo_bits, evaluate, make_slices, slice_mask_draws
+from mdlm_golf.config import BOS_ID, Tokens, build_config
+from mdlm_golf.diffusion import elbo_grid, masked_nll, reveal_weights
+from mdlm_golf.eval.elbo import elbo_bits, evaluate, slice_mask_draws
+from mdlm_golf.eval.harness import LEGACY_BYTES_PER_TOKEN, make_slices
 from mdlm_golf.model import MDLM
 
 V = 1024

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdlm_golf.config import BOS_ID, build_config
-from mdlm_golf.diffusion import Tokens, suppress_special
-from mdlm_golf.eval.elbo import make_slices, scored_positions
+from mdlm_golf.config import BOS_ID, Tokens, build_config
+from mdlm_golf.diffusion import subs_log_probs
+from mdlm_golf.eval.harness import make_slices, scored_positions
 from mdlm_golf.model import MDLM
 from mdlm_golf.eval.planned import (ORDERS, Schedule, evaluate_planned, format_planned_result, masked_start,
                                planned_bits, run_planned)
@@ -122,7 +122,7 @@ def test_chain_rule_left_to_right_one_token_per_pass():
             x[:, i:] = MASK
             f = (64 - i) / 64
             sig = torch.full((2,), -math.log(max(1 - f, EPS)), dtype=torch.float32)
-            log_p = F.log_softmax(suppress_special(model(x, sig), TOKENS).double(), dim=-1)
+            log_p = subs_log_probs(model(x, sig), TOKENS, torch.float64)
             expected -= log_p[torch.arange(2), i, x0[:, i]].numpy() / math.log(2)
     np.testing.assert_allclose(bits, expected, rtol=1e-6)
 

@@ -11,7 +11,28 @@ from typing import Any, Mapping
 
 from .files import write_text_atomic
 
-BOS_ID = 1  # every document of the challenge's shards starts with it
+# The special ids, all here. The challenge tokenizer's own: every document of the shards starts with
+# BOS; EOS ends a sampled document like BOS; UNK is what characters outside the vocabulary become.
+BOS_ID = 1
+EOS_ID = 2
+UNK_ID = 3
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The ids this project adds to a vocabulary: MASK and PAD sit just past the real tokens."""
+
+    vocab_size: int
+
+    @property
+    def mask(self) -> int:
+        return self.vocab_size
+
+    @property
+    def pad(self) -> int:
+        return self.vocab_size + 1
+
+
 # docs: one document (window) per row, PAD after it; packed: contiguous stream windows holding several
 # documents, attention kept inside each; stream: contiguous windows, boundaries maskable like any token
 LAYOUTS = ("docs", "packed", "stream")
@@ -26,7 +47,7 @@ MAX_SEED = 2**32 - 1
 POSITIVE_INTS = ("num_layers", "model_dim", "num_heads", "mlp_mult", "cond_dim", "seq_len", "batch_rows",
                  "grad_accum", "steps", "shards_per_group", "elbo_steps", "eval_batch_rows", "log_every")
 COUNTS = ("global_batch_rows", "warmup_steps", "warmdown_steps", "batches_per_group", "eval_num_seqs",
-          "val_every", "checkpoint_every")
+          "val_every", "checkpoint_every", "block_size")
 # (low, high, low included, high included) of every numeric field
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     **{name: (1, math.inf, True, False) for name in POSITIVE_INTS},
@@ -99,6 +120,9 @@ class Config:
     noise_eps: float = 1e-3
     layout: str = "packed"  # one of LAYOUTS
     anchor_mask_prob: float = 0.0
+    # block diffusion (BD3-LM): rows are cut into blocks of block_size tokens, each denoised given the
+    # clean blocks before it; 0 = one block per row (the plain MDLM), 1 = autoregressive code lengths
+    block_size: int = 0
     # data loading
     shards_per_group: int = 2  # train shards held in memory at a time
     batches_per_group: int = 0  # batches served per group before rotating; 0 = cover its tokens once
@@ -127,6 +151,20 @@ class Config:
             raise ValueError(
                 f"model_dim {self.model_dim} must split into {self.num_heads} heads of even size"
             )
+        if self.block_size and (self.block_size > self.seq_len or self.seq_len % self.block_size):
+            raise ValueError(f"block_size {self.block_size} must divide seq_len {self.seq_len}")
+        if self.block_size and self.objective != "mdlm":
+            raise ValueError("block_size is for objective mdlm (an ar model is causal already)")
+
+    @property
+    def block(self) -> int:
+        """Tokens per diffusion block: block_size, or the whole row."""
+        return self.block_size or self.seq_len
+
+    @property
+    def blockwise(self) -> bool:
+        """Whether rows hold more than one block (the [x_t; x_0] forward of block diffusion)."""
+        return self.block < self.seq_len
 
     @property
     def noise_conditioned(self) -> bool:
@@ -134,12 +172,16 @@ class Config:
         return self.time_cond and self.objective == "mdlm"
 
     @property
+    def tokens(self) -> Tokens:
+        return Tokens(self.vocab_size)
+
+    @property
     def mask_id(self) -> int:
-        return self.vocab_size
+        return self.tokens.mask
 
     @property
     def pad_id(self) -> int:
-        return self.vocab_size + 1
+        return self.tokens.pad
 
     @property
     def num_real_rows(self) -> int:

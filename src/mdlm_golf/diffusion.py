@@ -10,22 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import BOS_ID
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """The special ids for a vocabulary: MASK and PAD sit just past the real tokens."""
-
-    vocab_size: int
-
-    @property
-    def mask(self) -> int:
-        return self.vocab_size
-
-    @property
-    def pad(self) -> int:
-        return self.vocab_size + 1
+from .config import BOS_ID, Tokens
 
 
 # ---------------------------------------------------------------- noise schedule
@@ -110,33 +95,30 @@ def mask_tokens(x0: torch.Tensor, p_mask: torch.Tensor, maskable: torch.Tensor, 
 
 # ---------------------------------------------------------------- SUBS parameterization
 
-def suppress_special(logits: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-    """MASK and PAD can never be predicted: give them -inf logits."""
-    logits = logits.float().clone()
-    logits[..., tokens.mask] = float("-inf")
-    logits[..., tokens.pad] = float("-inf")
-    return logits
+# SUBS (Sahoo et al. 2024): a visible token is copied (it costs 0 bits and is never re-predicted), and
+# at a masked position MASK and PAD are never predicted. The loss, the ELBO, planned decoding, the coder
+# and the samplers all take the masked-position distribution from subs_logits, so they agree exactly.
+
+def subs_logits(logits: torch.Tensor, tokens: Tokens, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The logits of the denoiser's distribution at a masked position: the real tokens' columns only
+    (dropping MASK and PAD gives them probability exactly 0), in `dtype`."""
+    return logits[..., : tokens.vocab_size].to(dtype)
 
 
-def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-    """Full SUBS log-probs: a distribution over real tokens at MASK, the identity elsewhere."""
-    log_probs = F.log_softmax(suppress_special(logits, tokens), dim=-1)
-    visible = x_t != tokens.mask
-    identity = torch.full_like(log_probs, float("-inf"))
-    identity.scatter_(-1, x_t.unsqueeze(-1), 0.0)
-    return torch.where(visible.unsqueeze(-1), identity, log_probs)
+def subs_log_probs(logits: torch.Tensor, tokens: Tokens, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """log p(token | x_t) over the real tokens at a masked position, [..., vocab_size]."""
+    return F.log_softmax(subs_logits(logits, tokens, dtype), dim=-1)
 
 
 def masked_nll(logits: torch.Tensor, x0: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-    """-log p(x0 | x_t) in nats at every position under SUBS, from logits in one fused cross-entropy.
+    """-log p(x0 | x_t) in nats at every position under SUBS, in one fused cross-entropy.
 
-    Dropping the MASK and PAD columns is SUBS's "never predicted" (their probability is exactly 0);
-    visible positions cost 0 under SUBS and callers multiply by the mask. PAD targets are never
+    Visible positions cost 0 under SUBS and callers multiply by the mask. PAD targets are never
     scored, so they are clamped into range only to keep the gather valid.
     """
     vocab = tokens.vocab_size
-    nll = F.cross_entropy(logits[..., :vocab].reshape(-1, vocab).float(),
-                          x0.clamp(max=vocab - 1).reshape(-1), reduction="none")
+    nll = F.cross_entropy(subs_logits(logits, tokens).reshape(-1, vocab), x0.clamp(max=vocab - 1).reshape(-1),
+                          reduction="none")
     return nll.view(x0.shape)
 
 
@@ -151,18 +133,22 @@ class LossOutput:
 
 
 def diffusion_loss(model, x0: torch.Tensor, tokens: Tokens, eps: float, layout: str,
-                   noise: Noise | torch.Generator, anchor_mask_prob: float = 0.0) -> LossOutput:
+                   noise: Noise | torch.Generator, anchor_mask_prob: float = 0.0,
+                   blockwise: bool = False) -> LossOutput:
     """Continuous-time MDLM ELBO: E_t[ w(t) * sum_masked -log p(x0|x_t) ] / scored tokens, w = 1/t.
 
     `noise` is the batch's pre-drawn Noise (the trainer draws it for the global batch) or a
-    generator to draw it from.
+    generator to draw it from. blockwise (block diffusion): the model denoises each block given the
+    clean blocks before it, so the sum is over blocks of each block's ELBO; a row's blocks share its
+    time t (an unbiased estimate of that sum, and the noise draws of the plain MDLM unchanged).
     """
     if isinstance(noise, torch.Generator):
         noise = draw_noise(x0.size(0), x0.size(1), noise)
     t = noise.t.to(x0.device)
     maskable = maskable_positions(x0, layout, tokens.pad, anchor_mask_prob, noise.anchor_u)
     x_t, masked = mask_tokens(x0, 1.0 - alpha(t, eps), maskable, tokens.mask, noise.mask_u)
-    logits = model(x_t, sigma(t, eps))  # documents are read from the BOS tokens visible in x_t
+    # documents are read from the BOS tokens visible in x_t (and, blockwise, in the clean blocks)
+    logits = model(x_t, sigma(t, eps), clean=x0) if blockwise else model(x_t, sigma(t, eps))
     weighted = masked_nll(logits, x0, tokens) * elbo_weight(t, eps)[:, None]
     weighted_sum = torch.where(masked, weighted, 0.0).sum()  # 0 * inf would be NaN at visible positions
     scored = maskable.sum()

@@ -1,4 +1,4 @@
-"""torchrun environment, device placement and all-reduce helpers; single-process runs need none of it."""
+"""torchrun environment, device and autocast policy, all-reduce helpers; single-process runs need none of it."""
 from __future__ import annotations
 
 import gc
@@ -39,6 +39,17 @@ def init_distributed(device: torch.device | None = None) -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistEnv(rank, world_size, local_rank, device)
+
+
+def pick_device() -> torch.device:
+    """The device a command runs on: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    """The one mixed-precision policy: bf16 autocast on CUDA (weights and sums stay float32), plain
+    float32 elsewhere (CPU bf16 matmuls are slow and would change the CPU-pinned test figures)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -5,11 +5,13 @@ torch.compile treat them alike; the AR model is the same transformer, causal and
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
-from .config import Config
-from .diffusion import Noise, Tokens, diffusion_loss, maskable_positions
+from .config import Config, Tokens
+from .diffusion import Noise, diffusion_loss, maskable_positions
 
 
 def ar_targets(x0: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,16 +47,17 @@ class Objective(torch.nn.Module):
     """The model and its loss as one module: torch.compile fuses the loss into the model's graph
     (one cross-entropy pass over the logits) and DDP wraps a single thing."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config):
+    def __init__(self, model: torch.nn.Module, cfg: Config, flex: bool = False):
+        """flex: build document masks for FlexAttention (worth it only when compiled on CUDA)."""
         super().__init__()
-        self.model, self.tokens, self.cfg = model, Tokens(cfg.vocab_size), cfg
+        self.model, self.tokens, self.cfg, self.flex = model, Tokens(cfg.vocab_size), cfg, flex
 
     def forward(self, x0: torch.Tensor, t: torch.Tensor, mask_u: torch.Tensor,
                 anchor_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the micro-batch's loss terms, scored positions); AR ignores the noise draws."""
-        cfg = self.cfg
+        cfg, model = self.cfg, partial(self.model, flex=self.flex)
         if cfg.objective == "ar":
-            return ar_loss(self.model, x0, cfg.pad_id, cfg.vocab_size)
-        out = diffusion_loss(self.model, x0, self.tokens, cfg.noise_eps, cfg.layout,
-                             Noise(t, mask_u, anchor_u), cfg.anchor_mask_prob)
+            return ar_loss(model, x0, cfg.pad_id, cfg.vocab_size)
+        out = diffusion_loss(model, x0, self.tokens, cfg.noise_eps, cfg.layout,
+                             Noise(t, mask_u, anchor_u), cfg.anchor_mask_prob, cfg.blockwise)
         return out.weighted_sum, out.scored

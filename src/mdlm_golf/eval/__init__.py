@@ -1,3 +1,6 @@
-"""Evaluation stage: the discrete ELBO, planned-order code lengths and the exact AR chain rule, in bits per byte."""
-from .elbo import HEADLINE_MODES, MODES, evaluate, format_result, headline, projected_seconds
-from .planned import ORDERS, Schedule, check_order, evaluate_planned, format_planned_result, masked_start, require_mdlm, run_planned
+"""Evaluation stage: one harness (slices, bytes, scored positions, summaries) and three figures in bits per
+byte: the discrete ELBO (elbo.py), planned-order code lengths (planned.py), the exact AR chain rule (ar.py)."""
+from .elbo import evaluate
+from .harness import HEADLINE_MODES, MODES, format_result, headline, projected_seconds
+from .planned import (ORDERS, Schedule, check_order, evaluate_planned, format_planned_result, masked_start,
+                      require_mdlm, run_planned)

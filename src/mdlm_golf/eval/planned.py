@@ -30,13 +30,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..config import Config
+from ..config import Config, Tokens
 from ..data import ByteTable
-from ..diffusion import Tokens, sigma, suppress_special
-from ..dist import all_reduce_sum, dist_backend_needs_device, rank_and_world
-from .elbo import MODES, EvalSlices, make_slices, scored_positions, summarize
+from ..diffusion import sigma, subs_log_probs, subs_logits
+from ..dist import all_reduce_sum, autocast, dist_backend_needs_device, rank_and_world
+from .harness import MODES, EvalSlices, make_slices, scored_positions, summarize
 
 ORDERS = ("left-to-right", "confidence", "margin")
 SCORE_BINS = 1024  # confidence and margin are ranked in steps of 1/1024, ties to the leftmost
@@ -137,14 +136,13 @@ def run_planned(model, x: torch.Tensor, scored: torch.Tensor, schedule: Schedule
     for b, c in enumerate(counts):
         table[b, : len(c)] = torch.tensor(c, dtype=torch.long)
     scored_count = scored.sum(1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda")
     for k in range(num_passes):
         rows = (table[:, k] > 0).nonzero().squeeze(1).to(x.device)
         x_rows = x[rows]
         masked = x_rows == tokens.mask
-        with autocast:
+        with autocast(x.device):
             logits = model(x_rows, pass_sigma(masked, scored_count[rows], eps))
-        logits = suppress_special(logits, tokens)
+        logits = subs_logits(logits, tokens)
         chosen = choose_positions(logits, masked, table[rows.cpu(), k], order)
         values = reveal(rows, logits, chosen)
         x[rows] = torch.where(chosen, values.to(x.device), x_rows)
@@ -175,7 +173,7 @@ def planned_bits(model, slices: EvalSlices, mode: str, order: str, *, passes: in
         batch_bits = torch.zeros(x0.size(0), dtype=torch.float64, device=device)
 
         def charge(rows, logits, chosen):
-            log_p = F.log_softmax(logits[chosen].double(), dim=-1)
+            log_p = subs_log_probs(logits[chosen], tokens, torch.float64)
             target = x0[rows][chosen]
             nll = -log_p.gather(-1, target[:, None]).squeeze(1) / math.log(2)
             row_of = rows[:, None].expand_as(chosen)[chosen]
