@@ -7,10 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from mdlm_golf.config import BOS_ID, build_config
-from mdlm_golf.diffusion import Tokens
+from mdlm_golf.config import BOS_ID, EOS_ID, Tokens, build_config
 from mdlm_golf.model import MDLM
-from mdlm_golf.sampling import EOS_ID, SAMPLERS, decode_rows, generate, live_widths, run_network
+from mdlm_golf.sampling import SAMPLERS, decode_rows, generate, live_widths, run_network
 
 CFG = build_config("tiny", environ={})
 V = CFG.vocab_size

@@ -8,13 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BOS_ID, Config
-
-try:  # FlexAttention: torch >= 2.5; without it document masking falls back to an SDPA mask
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-except ImportError:  # pragma: no cover - old torch
-    BlockMask = create_block_mask = flex_attention = None
-
+from .attention import (AttentionMask, KVCache, LayerCache, attend, block_attention_mask, block_document_ids,
+                        document_ids, document_mask)
+from .config import Config
 
 def sinusoidal_embedding(sigma: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """[B] noise levels -> [B, dim] sin/cos features (as in DiT / MDLM)."""
@@ -40,8 +36,9 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", base ** (-torch.arange(0, head_dim, 2).float() / head_dim),
                              persistent=False)
 
-    def forward(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = torch.outer(torch.arange(length, device=device).float(), self.inv_freq)
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [1, T, 1, head_dim / 2] at the given [T] positions."""
+        angles = torch.outer(positions.float(), self.inv_freq)
         return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
 
@@ -50,57 +47,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
+def per_position(t: torch.Tensor) -> torch.Tensor:
+    """A modulation [B, d] (one per row) or [B, T, d] (one per position), broadcastable over [B, T, d]."""
+    return t if t.dim() == 3 else t[:, None]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-AttentionMask = torch.Tensor | BlockMask | None  # bool [B, 1, L, L] for SDPA, or a FlexAttention BlockMask
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    """Bidirectional attention, restricted by the mask: FlexAttention for a BlockMask, else SDPA."""
-    if BlockMask is not None and isinstance(mask, BlockMask):
-        return flex_attention(q, k, v, block_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def document_ids(x: torch.Tensor, layout: str, pad_id: int) -> torch.Tensor | None:
-    """Per-position document number from the BOS tokens *visible in x* (PAD -1), or None (stream).
-
-    Computed from the model's input, never from the clean tokens: a masked BOS merges its two
-    documents, so attention cannot reveal where a hidden boundary was, and training, evaluation and
-    sampling all see the same rule.
-    """
-    if layout == "stream":
-        return None
-    ids = torch.cumsum(x == BOS_ID, dim=1)
-    return torch.where(x == pad_id, -1, ids)
-
-
-def document_mask(doc_ids: torch.Tensor | None, use_flex: bool, causal: bool = False,
-                  length: int = 0) -> AttentionMask:
-    """Attention only between positions of the same document (and, if causal, to earlier ones).
-
-    With FlexAttention (CUDA) fully masked blocks are skipped, so packed rows cost what their
-    documents cost; the SDPA fallback (CPU) materializes the [B, 1, L, L] boolean mask and lets
-    PAD attend to PAD (an all-masked row would give NaN there; PAD outputs are never scored).
-    """
-    if doc_ids is None and not causal:
-        return None
-    if use_flex and BlockMask is not None and doc_ids is not None:
-        def same_document(b, h, q_idx, kv_idx):  # PAD (-1) attends nowhere: its blocks are skipped
-            keep = (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (doc_ids[b, kv_idx] >= 0)
-            return keep & (kv_idx <= q_idx) if causal else keep
-
-        batch, length = doc_ids.shape
-        return create_block_mask(same_document, batch, None, length, length, device=doc_ids.device)
-    mask = None if doc_ids is None else (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1)
-    if causal:
-        length = doc_ids.size(1) if doc_ids is not None else length
-        device = doc_ids.device if doc_ids is not None else None
-        lower = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        mask = lower if mask is None else mask & lower
-    return mask
+    return x * (1 + per_position(scale)) + per_position(shift)
 
 
 class Attention(nn.Module):
@@ -112,13 +65,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                attn_mask: AttentionMask) -> torch.Tensor:
+                attn_mask: AttentionMask, cache: "LayerCache | None" = None) -> torch.Tensor:
+        """cache: keys and values of earlier positions to attend to as well (block sampling)."""
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, self.head_dim).unbind(2)
         # RMS-normed q and k keep attention logits bounded without a learned temperature
         q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
         q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        y = attend(q, k, v, attn_mask)
         return self.proj(y.transpose(1, 2).reshape(batch, length, dim))
 
 
@@ -145,13 +102,13 @@ class Block(nn.Module):
         self.modulation = None if conditioned else nn.Parameter(torch.zeros(6 * cfg.model_dim))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None, rotary: tuple[torch.Tensor, torch.Tensor],
-                attn_mask: AttentionMask) -> torch.Tensor:
+                attn_mask: AttentionMask, cache: "LayerCache | None" = None) -> torch.Tensor:
         params = self.adaln(cond) if self.adaln is not None else self.modulation.expand(x.size(0), -1)
         shift1, scale1, gate1, shift2, scale2, gate2 = params.chunk(6, dim=-1)
         h = modulate(F.rms_norm(x, (x.size(-1),)), shift1, scale1)
-        x = x + gate1[:, None] * self.attn(h, rotary, attn_mask)
+        x = x + per_position(gate1) * self.attn(h, rotary, attn_mask, cache)
         h = modulate(F.rms_norm(x, (x.size(-1),)), shift2, scale2)
-        return x + gate2[:, None] * self.mlp(h)
+        return x + per_position(gate2) * self.mlp(h)
 
 
 class MDLM(nn.Module):
@@ -173,7 +130,6 @@ class MDLM(nn.Module):
         self.final_adaln = nn.Linear(cfg.cond_dim, 2 * cfg.model_dim) if conditioned else None
         self.final_modulation = None if conditioned else nn.Parameter(torch.zeros(2 * cfg.model_dim))
         self.head = nn.Linear(cfg.model_dim, cfg.embed_rows, bias=False)
-        self.use_flex = False  # set by the trainer when the model is compiled on CUDA
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -196,16 +152,65 @@ class MDLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, x_t: torch.Tensor, sigma: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """doc_ids [B, L] (optional) override the documents read from x_t's visible BOS tokens."""
+                doc_ids: torch.Tensor | None = None, flex: bool = False,
+                clean: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, L, vocab+2] at x_t [B, L] (ids with MASK/PAD) for noise levels sigma [B].
+
+        doc_ids [B, L] (optional) override the documents read from x_t's visible BOS tokens; flex asks
+        for a FlexAttention block mask on CUDA (fast only under torch.compile), else SDPA's. A block
+        diffusion model (cfg.blockwise) also takes `clean`, the clean tokens x_0 [B, L]: each block of
+        x_t is denoised given the clean blocks before it, in one forward over [x_t ; x_0].
+        """
+        if self.cfg.blockwise:
+            return self.forward_blocks(x_t, clean, sigma, flex)
         if doc_ids is None:
             doc_ids = document_ids(x_t, self.cfg.layout, self.cfg.pad_id)
-        attn_mask = document_mask(doc_ids, self.use_flex and x_t.is_cuda, self.causal, x_t.size(1))
-        x = self.embed(x_t)
-        cond = F.silu(self.noise(sigma)) if self.noise is not None else None
-        rotary = self.rotary(x_t.size(1), x_t.device)
-        for block in self.blocks:
-            x = block(x, cond, rotary, attn_mask)
+        attn_mask = document_mask(doc_ids, flex and x_t.is_cuda, self.causal, x_t.size(1))
+        positions = torch.arange(x_t.size(1), device=x_t.device)
+        return self.trunk(x_t, self.condition(sigma), positions, attn_mask)
+
+    def forward_blocks(self, x_t: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor | None,
+                       flex: bool = False) -> torch.Tensor:
+        """Block diffusion's training and scoring forward: positions 0..L-1 hold x_t, L..2L-1 hold x_0
+        at the same RoPE positions; block_attention_mask says who sees whom. Logits of the x_t half."""
+        if clean is None or clean.shape != x_t.shape:
+            raise ValueError("a block diffusion model needs the clean tokens (clean=x0) shaped like x_t")
+        length, cfg = x_t.size(1), self.cfg
+        docs = block_document_ids(x_t, clean, cfg.layout, cfg.pad_id, cfg.block)
+        attn_mask = block_attention_mask(docs, length, cfg.block, flex and x_t.is_cuda)
+        positions = torch.arange(length, device=x_t.device).repeat(2)
+        cond = self.condition(sigma)
+        if cond is not None:  # the clean half is at noise level 0, whatever the noisy half's
+            clean_cond = self.condition(torch.zeros_like(sigma))
+            cond = torch.cat([cond[:, None].expand(-1, length, -1), clean_cond[:, None].expand(-1, length, -1)], 1)
+        return self.trunk(torch.cat([x_t, clean], 1), cond, positions, attn_mask)[:, :length]
+
+    def forward_cached(self, x_block: torch.Tensor, sigma: torch.Tensor | None, cache: "KVCache",
+                       store: bool = False) -> torch.Tensor:
+        """Logits of one block [B, n] that sits right after the cache's positions and attends to all of
+        them and (bidirectionally) to itself, except PAD. store: append the block's keys and values to
+        the cache (done once per block, with the block clean and sigma 0)."""
+        start = cache.length
+        positions = torch.arange(start, start + x_block.size(1), device=x_block.device)
+        keys_valid = torch.cat([torch.ones(x_block.size(0), start, dtype=torch.bool, device=x_block.device),
+                                x_block != self.cfg.pad_id], 1)
+        attn_mask = keys_valid[:, None, None, :]
+        logits = self.trunk(x_block, self.condition(sigma), positions, attn_mask, cache.storing(store))
+        if store:
+            cache.length += x_block.size(1)
+        return logits
+
+    def condition(self, sigma: torch.Tensor | None) -> torch.Tensor | None:
+        """The noise embedding [B, cond_dim] fed to the adaLN projections, or None (unconditioned)."""
+        return F.silu(self.noise(sigma)) if self.noise is not None else None
+
+    def trunk(self, tokens: torch.Tensor, cond: torch.Tensor | None, positions: torch.Tensor,
+              attn_mask: AttentionMask, caches: "list[LayerCache] | None" = None) -> torch.Tensor:
+        """Embedding, the blocks and the head: logits [B, T, vocab+2]."""
+        x = self.embed(tokens)
+        rotary = self.rotary(positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, rotary, attn_mask, caches[i] if caches is not None else None)
         final = self.final_adaln(cond) if self.final_adaln is not None else self.final_modulation.expand(x.size(0), -1)
         shift, scale = final.chunk(2, dim=-1)
         x = modulate(F.rms_norm(x, (x.size(-1),)), shift, scale)

@@ -31,14 +31,16 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .config import BOS_ID, Config
-from .diffusion import Tokens, reveal_weights, sigma, suppress_special
+from .attention import KVCache
+from .config import BOS_ID, EOS_ID, Config, Tokens
+from .diffusion import reveal_weights, sigma, subs_log_probs
+from .dist import autocast
 
-EOS_ID = 2  # the challenge tokenizer's </s>; a revealed one ends the document like BOS
 SAMPLERS = ("ancestral", "cached", "confidence")
 
 
@@ -66,7 +68,7 @@ class SampleOptions:
                              "(for greedy decoding use a tiny top_p)")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.length > cfg.seq_len:
+        if self.length > cfg.seq_len and not cfg.blockwise:  # block sampling goes on past it
             raise ValueError(f"length {self.length} exceeds the model's training length "
                              f"seq_len={cfg.seq_len}")
         if self.length < len(self.prompt_ids) + 2:
@@ -102,46 +104,128 @@ class SampleResult:
 
 def generate(model, cfg: Config, *, num: int, length: int, steps: int, sampler: str = "ancestral",
              prompt_ids: list[int] | None = None, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int = 0, device: torch.device | str = "cpu") -> SampleResult:
-    """Sample `num` documents of at most `length` ids (BOS included) in at most `steps` forwards."""
+             seed: int = 0, device: torch.device | str = "cpu", kv_cache: bool = True) -> SampleResult:
+    """Sample `num` documents of at most `length` ids (BOS included) in at most `steps` forwards
+    (a block diffusion model: `steps` per block, blocks left to right, the clean past in a KV cache
+    unless kv_cache is False, which recomputes it every forward)."""
     opts = SampleOptions(num, length, steps, sampler, tuple(int(t) for t in prompt_ids or ()),
                          float(temperature), float(top_p), int(seed))
     opts.check(cfg)
+    device = torch.device(device)
     if cfg.objective == "ar":
-        return generate_left_to_right(model, cfg, opts, torch.device(device))
-    tokens, device = Tokens(cfg.vocab_size), torch.device(device)
+        return generate_left_to_right(model, cfg, opts, device)
+    tokens = Tokens(cfg.vocab_size)
     x = initial_canvas(opts, tokens).to(device)
-    generators = row_generators(opts)
-    weights = reveal_weights(steps, cfg.noise_eps).tolist()  # weights[k - 1]: reveal chance at step k
-    sigmas = sigma(torch.arange(steps + 1, dtype=torch.float64) / steps, cfg.noise_eps).tolist()
-    nfe, row_nfe, positions, widths = 0, torch.zeros(num, dtype=torch.long), 0, []
+    run = Denoising(opts, cfg, row_generators(opts), num)
     start = time.perf_counter()
     with torch.inference_mode():
-        for k in range(steps, 0, -1):
-            masked = x == tokens.mask
-            active = masked.any(1)
-            if not bool(active.any()):
-                break  # every row is fully revealed (boundaries or confidence rounding)
-            if sampler == "confidence":
-                pick, rows = masked, active
-            else:
-                u = torch.stack([torch.rand(length, generator=g) for g in generators]).to(device)
-                pick = masked & (u < weights[k - 1])
-                rows = active if sampler == "ancestral" else pick.any(1)
-                if not bool(rows.any()):
-                    continue  # lazy: nothing revealed, so no logits are needed
-            logits = run_network(model, x, rows, live_widths(x, tokens), sigmas[k])
-            nfe, positions = nfe + 1, positions + int(rows.sum()) * logits.size(1)
-            row_nfe += rows.cpu()
-            widths.append(logits.size(1))
-            reveal_tokens(x, pick, rows, logits, weights[k - 1], generators, opts, tokens)
-            x = close_documents(x, tokens)
+        if cfg.blockwise:
+            x = denoise_blocks(model, cfg, x, run, kv_cache)
+        else:
+            def network(canvas: torch.Tensor, rows: torch.Tensor, sigma_k: float) -> torch.Tensor:
+                return run_network(model, canvas, rows, live_widths(canvas, tokens), sigma_k)
+
+            x = run.denoise(x, network, lambda canvas: close_documents(canvas, tokens))
         canvas = x.cpu()
     elapsed = time.perf_counter() - start
     assert not bool((canvas == tokens.mask).any()), "a MASK survived the last step"
     rows_out = [row[: first_pad(row, tokens)].tolist() for row in canvas]
     generated = sum(len(r) - 1 - len(opts.prompt_ids) for r in rows_out)
-    return SampleResult(rows_out, canvas, opts, nfe, row_nfe.tolist(), positions, generated, elapsed, widths)
+    return SampleResult(rows_out, canvas, opts, run.nfe, run.row_nfe.tolist(), run.positions, generated, elapsed,
+                        run.widths)
+
+
+# network(region [N, W], rows bool [N], sigma_k) -> logits [rows, <= W, vocab+2] of the chosen rows
+Network = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+class Denoising:
+    """The reverse process over a region of the canvas (all of it, or one block), and its counters."""
+
+    def __init__(self, opts: SampleOptions, cfg: Config, generators: list[torch.Generator], num: int):
+        self.opts, self.generators, self.tokens = opts, generators, Tokens(cfg.vocab_size)
+        self.weights = reveal_weights(opts.steps, cfg.noise_eps).tolist()  # [k - 1]: reveal chance at step k
+        self.sigmas = sigma(torch.arange(opts.steps + 1, dtype=torch.float64) / opts.steps, cfg.noise_eps).tolist()
+        self.nfe, self.row_nfe, self.positions, self.widths = 0, torch.zeros(num, dtype=torch.long), 0, []
+
+    def denoise(self, region: torch.Tensor, network: Network,
+                close: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Steps T..1 on `region`; close(region) after each reveal ends documents at a boundary."""
+        opts, tokens = self.opts, self.tokens
+        for k in range(opts.steps, 0, -1):
+            masked = region == tokens.mask
+            active = masked.any(1)
+            if not bool(active.any()):
+                break  # every row is fully revealed (boundaries or confidence rounding)
+            if opts.sampler == "confidence":
+                pick, rows = masked, active
+            else:
+                u = torch.stack([torch.rand(region.size(1), generator=g) for g in self.generators])
+                pick = masked & (u.to(region.device) < self.weights[k - 1])
+                rows = active if opts.sampler == "ancestral" else pick.any(1)
+                if not bool(rows.any()):
+                    continue  # lazy: nothing revealed, so no logits are needed
+            logits = network(region, rows, self.sigmas[k])
+            self.count(rows, logits.size(1))
+            reveal_tokens(region, pick, rows, logits, self.weights[k - 1], self.generators, opts, tokens)
+            region = close(region)
+        return region
+
+    def count(self, rows: torch.Tensor, width: int) -> None:
+        self.nfe, self.positions = self.nfe + 1, self.positions + int(rows.sum()) * width
+        self.row_nfe += rows.cpu()
+        self.widths.append(width)
+
+
+def denoise_blocks(model, cfg: Config, x: torch.Tensor, run: Denoising, kv_cache: bool) -> torch.Tensor:
+    """Block diffusion's sampler: each block denoised by the in-block sampler given the clean blocks
+    before it, which either sit in a KV cache (one clean forward per block, never recomputed) or are
+    run again at every forward (kv_cache False: the training forward, as a check)."""
+    tokens, cache = run.tokens, KVCache(cfg.num_layers)
+    for lo in range(0, x.size(1), cfg.block):
+        hi = min(lo + cfg.block, x.size(1))
+        if kv_cache:
+            network = cached_network(model, cache)
+        else:
+            network = recomputing_network(model, cfg, x[:, :lo])
+        region = run.denoise(x[:, lo:hi].clone(), network, lambda r: close_region(x, r, lo, tokens))
+        x = close_documents(torch.cat([x[:, :lo], region, x[:, hi:]], 1), tokens)
+        if not bool((x[:, hi:] == tokens.mask).any()):
+            break  # every row has ended its document
+        if kv_cache:
+            with autocast(x.device):
+                model.forward_cached(x[:, lo:hi], torch.zeros(x.size(0), device=x.device), cache, store=True)
+            run.count(torch.ones(x.size(0), dtype=torch.bool), hi - lo)
+    return x
+
+
+def close_region(x: torch.Tensor, region: torch.Tensor, lo: int, tokens: Tokens) -> torch.Tensor:
+    """close_documents for a block: a boundary revealed in it ends its row there."""
+    return close_documents(torch.cat([x[:, :lo], region], 1), tokens)[:, lo:]
+
+
+def cached_network(model, cache: KVCache) -> Network:
+    def network(region: torch.Tensor, rows: torch.Tensor, sigma_k: float) -> torch.Tensor:
+        index = rows.nonzero().squeeze(1)
+        sigma_in = torch.full((index.numel(),), sigma_k, dtype=torch.float32, device=region.device)
+        with autocast(region.device):
+            return model.forward_cached(region[index], sigma_in, cache.rows(index))
+    return network
+
+
+def recomputing_network(model, cfg: Config, past: torch.Tensor) -> Network:
+    """The block's logits from the training forward over [x_t ; x_0] of the past and the block (padded
+    with PAD to whole blocks): the noisy block sees exactly the clean blocks before it."""
+    def network(region: torch.Tensor, rows: torch.Tensor, sigma_k: float) -> torch.Tensor:
+        index = rows.nonzero().squeeze(1)
+        seq = torch.cat([past[index], region[index]], 1)
+        fill = -seq.size(1) % cfg.block
+        seq = torch.cat([seq, torch.full((seq.size(0), fill), cfg.pad_id, dtype=seq.dtype, device=seq.device)], 1)
+        sigma_in = torch.full((index.numel(),), sigma_k, dtype=torch.float32, device=region.device)
+        with autocast(region.device):
+            logits = model(seq, sigma_in, clean=seq)
+        return logits[:, past.size(1): past.size(1) + region.size(1)]
+    return network
 
 
 def row_generators(opts: SampleOptions) -> list[torch.Generator]:
@@ -165,7 +249,7 @@ def generate_left_to_right(model, cfg: Config, opts: SampleOptions, device: torc
             if not bool(live.any()):
                 break  # every row has ended its document
             index = live.nonzero().squeeze(1)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 logits = model(x[index.to(device), :pos])[:, -1]
             ids, _ = sample_tokens(logits, live.long().tolist(), generators, opts.temperature, opts.top_p, tokens)
             x[index.to(device), pos] = ids
@@ -218,7 +302,7 @@ def run_network(model, x: torch.Tensor, rows: torch.Tensor, widths: torch.Tensor
     if int(row_widths.min()) < width:
         doc_ids = -(torch.arange(width, device=x.device)[None] >= row_widths[:, None]).long()
     sigma_in = torch.full((index.numel(),), sigma_k, dtype=torch.float32, device=x.device)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+    with autocast(x.device):
         return model(x_in, sigma_in, doc_ids)
 
 
@@ -246,7 +330,7 @@ def sample_tokens(logits: torch.Tensor, counts: list[int], generators: list[torc
     take their noise from generators[i]. Returns the ids and the model's own probability of each
     (before temperature and top-p, as LLaDA ranks by: a filtered probability would be 1 under greedy).
     """
-    log_p = F.log_softmax(suppress_special(logits, tokens), dim=-1)[:, : tokens.vocab_size]
+    log_p = subs_log_probs(logits, tokens)
     log_q = log_p if temperature == 1.0 else F.log_softmax(log_p / temperature, dim=-1)
     if top_p < 1.0:
         log_q = nucleus(log_q, top_p)

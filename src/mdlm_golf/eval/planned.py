@@ -123,13 +123,30 @@ Reveal = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def run_planned(model, x: torch.Tensor, scored: torch.Tensor, schedule: Schedule, order: str,
-                eps: float, tokens: Tokens, reveal: Reveal) -> list[int]:
+                eps: float, tokens: Tokens, reveal: Reveal, block: int = 0) -> list[int]:
     """Decode rows x [B, L] (MASK at every scored position) in place; returns forwards per row.
 
     Pass k runs the network on the rows whose schedule has a k-th pass, chooses their positions and
     asks `reveal` for the tokens there. Everything the choice depends on is in x before the reveal.
+    A block diffusion model (block > 0) decodes its blocks left to right, each with the schedule, given
+    the decoded blocks before it (its clean half is x itself: later blocks are out of its sight).
     """
     check_order(order)
+    if not block:
+        return decode_passes(model, x, scored, schedule, order, eps, tokens, reveal)
+    forwards = [0] * x.size(0)
+    for lo in range(0, x.size(1), block):
+        in_block = torch.zeros_like(scored)
+        in_block[:, lo:lo + block] = True
+        counts = decode_passes(lambda x_rows, s: model(x_rows, s, clean=x_rows), x, scored & in_block, schedule,
+                               order, eps, tokens, reveal)
+        forwards = [a + b for a, b in zip(forwards, counts)]
+    return forwards
+
+
+def decode_passes(model, x: torch.Tensor, scored: torch.Tensor, schedule: Schedule, order: str,
+                  eps: float, tokens: Tokens, reveal: Reveal) -> list[int]:
+    """run_planned's passes over the `scored` positions of x (all of a row, or one block)."""
     counts = [schedule.counts(int(n)) for n in scored.sum(1).tolist()]
     num_passes = max((len(c) for c in counts), default=0)
     table = torch.zeros(x.size(0), num_passes, dtype=torch.long)
@@ -139,14 +156,14 @@ def run_planned(model, x: torch.Tensor, scored: torch.Tensor, schedule: Schedule
     for k in range(num_passes):
         rows = (table[:, k] > 0).nonzero().squeeze(1).to(x.device)
         x_rows = x[rows]
-        masked = x_rows == tokens.mask
+        masked = (x_rows == tokens.mask) & scored[rows]
         with autocast(x.device):
             logits = model(x_rows, pass_sigma(masked, scored_count[rows], eps))
         logits = subs_logits(logits, tokens)
         chosen = choose_positions(logits, masked, table[rows.cpu(), k], order)
         values = reveal(rows, logits, chosen)
         x[rows] = torch.where(chosen, values.to(x.device), x_rows)
-    if bool((x == tokens.mask).any()):
+    if bool(((x == tokens.mask) & scored).any()):
         raise AssertionError("a MASK survived the last pass")  # a schedule bug, never data
     return [len(c) for c in counts]
 
@@ -159,7 +176,7 @@ def masked_start(x0: torch.Tensor, scored: torch.Tensor, tokens: Tokens) -> torc
 @torch.no_grad()
 def planned_bits(model, slices: EvalSlices, mode: str, order: str, *, passes: int | None = None,
                  tokens_per_pass: int | None = None, eps: float, vocab_size: int, batch_rows: int,
-                 device: torch.device) -> np.ndarray:
+                 device: torch.device, block: int = 0) -> np.ndarray:
     """Exact planned-order code length of each slice in bits, float64 [S].
 
     The charge -log2 p(x_i | revealed) is taken in float64 from the network's logits at the chosen
@@ -180,7 +197,7 @@ def planned_bits(model, slices: EvalSlices, mode: str, order: str, *, passes: in
             batch_bits.index_add_(0, row_of, nll)
             return x0[rows]
 
-        run_planned(model, masked_start(x0, scored, tokens), scored, schedule, order, eps, tokens, charge)
+        run_planned(model, masked_start(x0, scored, tokens), scored, schedule, order, eps, tokens, charge, block)
         bits[start:start + x0.size(0)] = batch_bits.cpu().numpy()
     return bits
 
@@ -207,9 +224,11 @@ def evaluate_planned(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: 
         began = time.perf_counter()
         bits = planned_bits(model, mine, mode, order, passes=passes, tokens_per_pass=tokens_per_pass,
                             eps=cfg.noise_eps, vocab_size=cfg.vocab_size, batch_rows=cfg.eval_batch_rows,
-                            device=device)
-        scored = scored_positions(torch.from_numpy(mine.tokens), mode, cfg.pad_id).sum(1).tolist()
-        evals = sum(len(schedule.counts(n)) for n in scored)
+                            device=device, block=cfg.block if cfg.blockwise else 0)
+        scored_mask = scored_positions(torch.from_numpy(mine.tokens), mode, cfg.pad_id)
+        scored = scored_mask.sum(1).tolist()
+        per_block = scored_mask.view(len(mine), -1, cfg.block).sum(2).flatten().tolist()
+        evals = sum(len(schedule.counts(n)) for n in per_block)
         totals = torch.tensor([bits.sum(), sum(scored), mine.token_bytes.sum(), evals], dtype=torch.float64,
                               device=device if dist_backend_needs_device() else "cpu")
         total_bits, num_tokens, num_bytes, network_evals = all_reduce_sum(totals).tolist()
@@ -217,8 +236,9 @@ def evaluate_planned(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: 
         results[mode] = summarize(
             total_bits, int(num_tokens), int(num_bytes),
             method="planned", mode=mode, order=order,
-            bound=f"exact code length (planned-order decoding: {order}, {schedule.describe()}, "
-                  f"each pass coded with the product of the model's marginals)",
+            bound=f"exact code length (planned-order decoding: {order}, {schedule.describe()}"
+                  f"{f' per block of {cfg.block}' if cfg.blockwise else ''}, "
+                  f"each pass coded with the product of the model's marginals)", block_size=cfg.block,
             passes=network_evals / max(1, len(slices)), passes_requested=passes,
             tokens_per_pass=tokens_per_pass, network_evals=int(network_evals),
             num_seqs=len(slices), seq_len=cfg.seq_len, noise_eps=cfg.noise_eps,

@@ -26,7 +26,9 @@ from ..files import atomic_path, write_text_atomic
 # The standard field: today's recipe, the AR yardstick, each lever alone on top of today's recipe, and
 # the levers that helped combined. Each names every recipe field, so presets that carry a recipe (demo,
 # record) change only the shape, never what "today" or a lever means.
-TODAY = {"objective": "mdlm", "optimizer": "adamw", "time_cond": "true", "ema": "0.0", "anchor_mask_prob": "0.0"}
+TODAY = {"objective": "mdlm", "optimizer": "adamw", "time_cond": "true", "ema": "0.0", "anchor_mask_prob": "0.0",
+         "block_size": "0"}
+BEST = {k: str(v) for k, v in BEST_RECIPE.items()}
 LEVERS: dict[str, dict[str, str]] = {
     "ar": {"objective": "ar"},
     "muon": {"optimizer": "muon"},
@@ -34,7 +36,9 @@ LEVERS: dict[str, dict[str, str]] = {
     "ema": {"ema": "0.99"},
     "anchor": {"anchor_mask_prob": "1.0"},
     # the levers that helped alone on tuning slices (bench/race_tune.py; BENCHMARKS.md), combined
-    "best": {k: str(v) for k, v in BEST_RECIPE.items()},
+    "best": BEST,
+    # block diffusion on top of the best recipe (issue 14): blocks of 4, 16, 64 tokens
+    **{f"block{b}": {**BEST, "block_size": str(b)} for b in (4, 16, 64)},
 }
 RECIPES: dict[str, dict[str, str]] = {"today": TODAY, **{name: {**TODAY, **lever} for name, lever in LEVERS.items()}}
 YARDSTICK = "ar"

@@ -1,0 +1,137 @@
+"""Block diffusion's cost: training tokens/s (the [x_t ; x_0] forward is 2L positions), ELBO scoring
+slices/s, and sampling tokens/s with and without the KV cache, for each block size at one shape.
+
+    python bench/blocks.py                      # the demo shape on the CPU, B in {seq_len, 64, 16, 4}
+        [--preset demo] [--blocks 0,64,16,4] [--steps 6] [--eval-slices 8] [--eval-steps 8]
+        [--samples 4] [--sample-len 128] [--sample-steps 8] [--device cpu|cuda] [--json OUT]
+
+Training times the package's own Objective (loss + backward) on random rows that start with BOS, one
+process, float32 on the CPU (bf16 autocast on CUDA), median of --steps after one untimed step; the
+weights are random (costs do not depend on them). Block 0 is the plain MDLM (one block per row).
+Prints one JSON line per block size, then a table with the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mdlm_golf.config import BOS_ID, Config, build_config
+from mdlm_golf.dist import autocast, pick_device
+from mdlm_golf.eval.elbo import elbo_bits
+from mdlm_golf.eval.harness import EvalSlices
+from mdlm_golf.model import MDLM
+from mdlm_golf.objective import Objective
+from mdlm_golf.sampling import generate
+
+from machine import cpu_model  # bench/machine.py; the script's folder is on sys.path
+
+
+def random_rows(cfg: Config, rows: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(4, cfg.vocab_size, (rows, cfg.seq_len), generator=gen)
+    x[:, 0] = BOS_ID
+    return x
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_tokens_per_s(model: MDLM, cfg: Config, steps: int, device: torch.device) -> float:
+    """Tokens of x_0 per second through loss + backward (the median step)."""
+    objective = Objective(model, cfg)
+    x0 = random_rows(cfg, cfg.batch_rows, 0).to(device)
+    gen = torch.Generator().manual_seed(1)
+    times = []
+    for i in range(steps + 1):
+        noise = (torch.rand(cfg.batch_rows, generator=gen), torch.rand(x0.shape, generator=gen),
+                 torch.rand(x0.shape, generator=gen))
+        began = time.perf_counter()
+        with autocast(device):
+            loss, _ = objective(x0, *(n.to(device) for n in noise))
+        loss.backward()
+        sync(device)
+        if i:  # the first step warms allocators and caches
+            times.append(time.perf_counter() - began)
+    return x0.numel() / statistics.median(times)
+
+
+def eval_slices_per_s(model: MDLM, cfg: Config, slices: int, steps: int, device: torch.device) -> float:
+    tokens = random_rows(cfg, slices, 2).numpy()
+    evals = EvalSlices(tokens, np.ones_like(tokens), np.arange(slices))
+    began = time.perf_counter()
+    elbo_bits(model, evals, "strict", steps, cfg.noise_eps, cfg.vocab_size, 0, cfg.eval_batch_rows, device,
+              blockwise=cfg.blockwise)
+    sync(device)
+    return slices / (time.perf_counter() - began)
+
+
+def sample_tokens_per_s(model: MDLM, cfg: Config, args: argparse.Namespace, kv_cache: bool) -> float:
+    result = generate(model, cfg, num=args.samples, length=args.sample_len, steps=args.sample_steps, seed=0,
+                      device=args.device, kv_cache=kv_cache)
+    return result.generated_tokens / result.elapsed
+
+
+def measure(block: int, args: argparse.Namespace) -> dict:
+    base = build_config(args.preset, environ={})
+    cfg = dataclasses.replace(base, block_size=block, seq_len=base.seq_len)
+    torch.manual_seed(0)
+    model = MDLM(cfg).to(args.device)
+    row = {"block": cfg.block, "blockwise": cfg.blockwise, "seq_len": cfg.seq_len,
+           "train_tokens_per_s": train_tokens_per_s(model, cfg, args.steps, args.device)}
+    model.eval()
+    with torch.no_grad():
+        row["eval_slices_per_s"] = eval_slices_per_s(model, cfg, args.eval_slices, args.eval_steps, args.device)
+    row["sample_tokens_per_s"] = sample_tokens_per_s(model, cfg, args, kv_cache=True)
+    if cfg.blockwise:
+        row["sample_tokens_per_s_uncached"] = sample_tokens_per_s(model, cfg, args, kv_cache=False)
+    return row
+
+
+def table(rows: list[dict], args: argparse.Namespace) -> str:
+    plain = next((r for r in rows if not r["blockwise"]), rows[0])
+    lines = [f"machine: {cpu_model() if args.device.type == 'cpu' else torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, threads {torch.get_num_threads()}; preset {args.preset}",
+             "| block | train tok/s | vs plain | eval slices/s | sample tok/s (KV cache) | sample tok/s (no cache) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        uncached = f"{r['sample_tokens_per_s_uncached']:,.0f}" if "sample_tokens_per_s_uncached" in r else "-"
+        lines.append(f"| {r['block']} | {r['train_tokens_per_s']:,.0f} | "
+                     f"{r['train_tokens_per_s'] / plain['train_tokens_per_s']:.2f}x | {r['eval_slices_per_s']:.2f} | "
+                     f"{r['sample_tokens_per_s']:,.0f} | {uncached} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--blocks", default="0,64,16,4", help="block sizes; 0 = the plain MDLM")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--eval-slices", type=int, default=8)
+    parser.add_argument("--eval-steps", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--sample-len", type=int, default=128)
+    parser.add_argument("--sample-steps", type=int, default=8)
+    parser.add_argument("--device", type=torch.device, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    args.device = args.device or pick_device()
+    rows = []
+    for block in (int(b) for b in args.blocks.split(",")):
+        rows.append(measure(block, args))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    print(table(rows, args))
+
+
+if __name__ == "__main__":
+    main()
