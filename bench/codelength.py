@@ -31,8 +31,9 @@ import torch
 from mdlm_golf.checkpoint import load_model, run_checkpoint
 from mdlm_golf.coder import BATCH_ROWS, compress_file, decompress_file, split_input, text_tokens
 from mdlm_golf.config import BOS_ID, write_text_atomic
-from mdlm_golf.data.shards import ByteTable, load_split, load_tokenizer
-from mdlm_golf.eval.elbo import evaluate, make_slices
+from mdlm_golf.data import ByteTable, load_split, load_tokenizer
+from mdlm_golf.eval.elbo import evaluate
+from mdlm_golf.eval.harness import make_slices
 from mdlm_golf.eval.planned import ORDERS, evaluate_planned, planned_bits
 
 MODES = ("strict", "anchored")

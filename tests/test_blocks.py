@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mdlm_golf.attention import KVCache, block_attention_mask, block_document_ids
+from mdlm_golf.coder import compress_tokens, decompress_tokens
 from mdlm_golf.config import BOS_ID, build_config
 from mdlm_golf.diffusion import subs_log_probs
 from mdlm_golf.eval import evaluate
@@ -157,6 +158,17 @@ def test_planned_blocks_decode_exactly_the_scored_tokens():
     for order in ("left-to-right", "confidence"):
         bits = planned_bits(model, slices, "anchored", order, passes=3, **kwargs)
         assert np.isfinite(bits).all() and (bits > 0).all()
+
+
+@pytest.mark.parametrize("order", ["left-to-right", "margin"])
+def test_compress_with_a_block_model_round_trips(order):
+    model = random_model(8)
+    ids = docs_rows(1, 80, seed=9).flatten().numpy()  # 3 slices of 32, the last one PAD-filled
+    data = compress_tokens(model, model.cfg, ids, order=order, passes=4, mode="anchored")
+    assert np.array_equal(decompress_tokens(model, model.cfg, data), ids)
+    other = with_block(model, 16)  # the same weights decoded in other blocks is another code
+    with pytest.raises(ValueError, match="different model"):
+        decompress_tokens(other, other.cfg, data)
 
 
 # ---------------------------------------------------------------- sampling

@@ -14,7 +14,7 @@ from conftest import first_docs
 
 from mdlm_golf.cli import main
 from mdlm_golf.config import BOS_ID, PRESETS, Config, build_config
-from mdlm_golf.data.shards import ByteTable, load_split
+from mdlm_golf.data import ByteTable, load_split
 
 EVAL_FIELDS = {"bits", "tokens", "bytes", "bpb", "bits_per_token", "elbo_steps", "num_seqs", "seq_len",
                "mode", "bpb_legacy_4p3"}

@@ -11,11 +11,10 @@ from torch import nn
 from mdlm_golf.coder import (TOTAL, ArithmeticDecoder, ArithmeticEncoder, CoderError, Header,
                              compress_file, compress_tokens, cumulative_frequencies, decompress_file,
                              decompress_tokens, text_tokens)
-from mdlm_golf.config import BOS_ID, build_config
-from mdlm_golf.data.shards import ByteTable
-from mdlm_golf.eval.elbo import make_slices, scored_positions
+from mdlm_golf.config import BOS_ID, Tokens, build_config
+from mdlm_golf.data import ByteTable
+from mdlm_golf.eval.harness import make_slices, scored_positions
 from mdlm_golf.model import MDLM
-from mdlm_golf.diffusion import Tokens
 from mdlm_golf.eval.planned import Schedule, masked_start, planned_bits, run_planned
 
 CPU = torch.device("cpu")

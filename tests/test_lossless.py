@@ -15,7 +15,7 @@ from torch import nn
 from mdlm_golf.coder import (CoderError, Header, apply_edits, compress_file, decompress_file, pack_edits,
                              split_input, text_tokens, unpack_edits)
 from mdlm_golf.config import build_config
-from mdlm_golf.data.shards import load_tokenizer
+from mdlm_golf.data import load_tokenizer
 from mdlm_golf.model import MDLM
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "fineweb_1024_bpe.model"  # the challenge's, copied

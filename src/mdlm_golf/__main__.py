@@ -1,3 +1,4 @@
+"""`python -m mdlm_golf`: the mdlm-golf command line."""
 import sys
 
 from .cli import main
