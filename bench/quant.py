@@ -13,8 +13,8 @@ float model and of each spec's round trip on the same mask draws (--num-seqs sli
 GPTQ's calibration batches from DIR's first train shard.
 
 For each spec and method: quantization time; for each compressor and code layout (bit-packed, or one
-code per byte): the artifact's exact file bytes, compress/decompress seconds, code bytes (the
-package's *.py), total and margin. Ends with one row per spec: its smallest artifact, and the bpb.
+code per byte): the artifact's exact file bytes, compress/decompress seconds, code bytes (the record
+script train_mdlm.py that `mdlm-golf submission` writes), total and margin. Ends with one row per spec: its smallest artifact, and the bpb.
 """
 from __future__ import annotations
 
@@ -30,12 +30,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from mdlm_golf.artifact.export import (  # noqa: E402
-    FORMAT_BITS, LIMIT_BYTES, available_compressors, calibration_batches, code_bytes, compressor_functions,
-    encode_artifact, layout_name, package_code_paths, parse_spec, quantization_penalty, quantize_model,
-    read_meta, roundtrip_model)
-from mdlm_golf.config import build_config  # noqa: E402
+from mdlm_golf.artifact.compress import available_compressors, compressor_functions  # noqa: E402
+from mdlm_golf.artifact.fileformat import encode_artifact, layout_name, read_meta  # noqa: E402
+from mdlm_golf.artifact.gptq import calibration_batches, collect_hessians  # noqa: E402
+from mdlm_golf.artifact.quant import (  # noqa: E402
+    FORMAT_BITS, QuantTensor, dequantize_state_dict, parse_spec, spec_quantizer)
+from mdlm_golf.artifact.size import LIMIT_BYTES  # noqa: E402
+from mdlm_golf.checkpoint import load_model, run_checkpoint  # noqa: E402
+from mdlm_golf.config import Config, build_config  # noqa: E402
+from mdlm_golf.data import ByteTable, load_split, load_tokenizer, read_shard, shard_paths  # noqa: E402
+from mdlm_golf.eval import evaluate  # noqa: E402
 from mdlm_golf.model import MDLM  # noqa: E402
+from mdlm_golf.submission import SCRIPT_NAME, script_bytes  # noqa: E402
 
 DEFAULT_SPECS = ["int8", "int6,embed=int8,head=int8", "int6", "int6,mlp=int4", "int5", "int5,mlp=int4",
                  "int4,embed=int8,head=int8", "int4"]
@@ -54,9 +60,31 @@ def synthetic_model(seed: int = 0) -> MDLM:
     return model.eval()
 
 
-def eval_inputs(args, cfg, state: dict):
-    from mdlm_golf.data.shards import ByteTable, load_split, load_tokenizer
+def roundtrip_model(model: MDLM, qtensors: list[QuantTensor]) -> MDLM:
+    """A copy of the model carrying the dequantized weights (what the artifact loads as)."""
+    copy = MDLM(model.cfg)
+    copy.load_state_dict(dequantize_state_dict(qtensors))
+    return copy.to(next(model.parameters()).device)
 
+
+def quantization_penalty(model: torch.nn.Module, quantized: torch.nn.Module, val_tokens, byte_table,
+                         cfg: Config, *, steps: int, num_seqs: int, seed: int = 0,
+                         device: torch.device | None = None, reference: dict | None = None) -> dict:
+    """Strict bpb before and after quantization on the same mask draws: the gap is the penalty, not noise.
+
+    `reference` is the float model's strict result from an earlier call with the same settings
+    (it saves re-evaluating the float model for every spec).
+    """
+    def strict(m: torch.nn.Module) -> dict:
+        return evaluate(m, val_tokens, byte_table, cfg, steps=steps, num_seqs=num_seqs, seed=seed,
+                        modes=("strict",), device=device)["strict"]
+
+    before = reference if reference is not None else strict(model)
+    after = strict(quantized)
+    return {"float": before, "quantized": after, "delta_bpb": after["bpb"] - before["bpb"]}
+
+
+def eval_inputs(args, cfg, state: dict):
     tokenizer = args.tokenizer or state.get("tokenizer")
     if not tokenizer:
         tokenizer = json.loads((Path(args.data) / "manifest.json").read_text())["tokenizer"]
@@ -115,21 +143,18 @@ def main() -> None:
 
     state: dict = {}
     if args.run:
-        from mdlm_golf.checkpoint import load_model, run_checkpoint
-
         model, cfg, state = load_model(run_checkpoint(Path(args.run)))
         source = f"TRAINED weights from {args.run} (step {state.get('step', '?')})"
     else:
         model, cfg = synthetic_model(), build_config(None, environ={})
         source = "SYNTHETIC weights (random Student-t(5), not trained: sizes are indicative only)"
     model = model.to(device)
-    code_paths = package_code_paths()
-    code = code_bytes(code_paths)
+    code = script_bytes()
     print(f"mdlm-golf quant bench | python {platform.python_version()} | torch {torch.__version__} | "
           f"device {device} | threads {torch.get_num_threads()} | cpu {platform.processor() or platform.machine()}")
     print(f"model: {source}; {model.num_params():,} parameters ({cfg.num_layers} layers, width {cfg.model_dim}, "
           f"MLP x{cfg.mlp_mult}); tensors under {args.small_numel:,} values kept fp16")
-    print(f"code: {code:,} bytes ({len(code_paths)} files of {code_paths[0].parent}); limit {LIMIT_BYTES:,}")
+    print(f"code: {code:,} bytes (the record script {SCRIPT_NAME}); limit {LIMIT_BYTES:,}")
 
     val = byte_table = reference = calibration = None
     if args.data and args.run:
@@ -142,18 +167,21 @@ def main() -> None:
     if "gptq" in methods:
         if not args.data:
             parser.error("--method gptq needs --data DIR for calibration batches")
-        from mdlm_golf.data.shards import read_shard, shard_paths
-
         train_tokens = read_shard(shard_paths(Path(args.data), "train")[0], cfg.vocab_size)
         calibration = [(x.to(device), s.to(device)) for x, s in
                        calibration_batches(cfg, train_tokens, args.calib_batches, args.calib_rows, seed=cfg.seed)]
 
     rows, summary = [], []
+    hessians = {"rtn": None}
+    if "gptq" in methods:
+        began = time.perf_counter()
+        hessians["gptq"] = collect_hessians(model, calibration)
+        print(f"GPTQ Hessians from {len(calibration)} calibration batches in {time.perf_counter() - began:.1f}s")
     for spec in args.spec or DEFAULT_SPECS:
         for method in methods:
-            began = time.perf_counter()
-            qtensors = quantize_model(model, spec, method=method, small_numel=args.small_numel,
-                                      calibration=calibration)
+            began = time.perf_counter()  # a fresh quantizer: nothing cached from an earlier spec
+            qtensors = spec_quantizer(model.state_dict(), cfg, small_numel=args.small_numel,
+                                      hessians=hessians[method])(spec)
             quant_s = time.perf_counter() - began
             print(f"{spec} [{method}] quantized in {quant_s:.1f}s", flush=True)
             spec_rows = measure(qtensors, cfg, spec, method, compressors, args.small_numel, code)

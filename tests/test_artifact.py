@@ -10,16 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-from mdlm_golf.artifact.export import (
-    COMPRESSORS, GROUPS, LIMIT_BYTES, ArtifactError, OversizeError, calibration_batches,
-    clip_search, code_bytes, compressor_functions, dequantize_rows, dequantize_state_dict, encode_artifact,
-    export_artifact, format_size_table, fp16_scale, gptq_codes, load_artifact, pack_bits, packed_size,
-    param_group, parse_spec, qmax, quantization_penalty, quantize_model, quantize_rows, read_artifact,
-    roundtrip_model, row_errors, unpack_bits)
-from mdlm_golf.checkpoint import save_checkpoint
+from mdlm_golf.artifact import OversizeError, export_artifact, format_size_table, load_artifact
+from mdlm_golf.artifact.compress import COMPRESSORS, compressor_functions
+from mdlm_golf.artifact.fileformat import (
+    HEADER, MAGIC, VERSION, ArtifactError, encode_artifact, pack_bits, packed_size, read_artifact, read_meta,
+    seal_artifact, unpack_bits)
+from mdlm_golf.artifact.gptq import calibration_batches, collect_hessians, gptq_codes
+from mdlm_golf.artifact.quant import (
+    GROUPS, SMALL_NUMEL, QuantTensor, dequantize_state_dict, param_group, parse_spec, spec_quantizer)
+from mdlm_golf.artifact.rounding import clip_search, dequantize_rows, fp16_scale, qmax, quantize_rows, row_errors
+from mdlm_golf.artifact.size import CODE_LABEL, LIMIT_BYTES
+from mdlm_golf.checkpoint import load_model, save_checkpoint
+from mdlm_golf.cli import main
 from mdlm_golf.config import build_config
+from mdlm_golf.data import ByteTable, load_split, load_tokenizer
+from mdlm_golf.eval import evaluate
 from mdlm_golf.files import write_bytes_atomic
 from mdlm_golf.model import MDLM
+from mdlm_golf.submission import SCRIPT_MAIN, build_script, script_bytes
+from mdlm_golf.train import train
 
 MIXED = "embed=int8,attn=int6,mlp=int4,head=int5,adaln=fp16"
 
@@ -36,6 +45,20 @@ def trained_like(seed: int = 0) -> MDLM:
             if p.dim() == 2:
                 p.mul_(torch.exp(0.3 * torch.randn(p.size(0), 1)))
     return model.eval()
+
+
+def quantize_model(model: MDLM, spec: str, *, small_numel: int = SMALL_NUMEL,
+                   calibration: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[QuantTensor]:
+    """The model's weights as the export stores them: GPTQ from calibration batches if given, else RTN."""
+    hessians = collect_hessians(model, calibration) if calibration else None
+    return spec_quantizer(model.state_dict(), model.cfg, small_numel=small_numel, hessians=hessians)(spec)
+
+
+def roundtrip_model(model: MDLM, qtensors: list[QuantTensor]) -> MDLM:
+    """A copy of the model carrying the dequantized weights (what the artifact loads as)."""
+    copy = MDLM(model.cfg)
+    copy.load_state_dict(dequantize_state_dict(qtensors))
+    return copy
 
 
 def tokens_for(cfg, rows: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,8 +309,6 @@ def test_corrupt_and_missing_artifact(tmp_path, artifact_bytes):
 
 
 def test_tensor_table_that_does_not_match_the_payload(tmp_path, artifact_bytes):
-    from mdlm_golf.artifact.export import HEADER, MAGIC, VERSION, read_meta, seal_artifact
-
     meta, payload = read_meta(Path("<memory>"), artifact_bytes)
     meta["tensors"][0]["rows"] += 1
     blob = json.dumps(meta).encode()
@@ -308,12 +329,13 @@ def checkpoint(tmp_path) -> Path:
 
 
 def test_export_report_and_table(tmp_path, checkpoint):
-    code = tmp_path / "train_gpt.py"
+    code = tmp_path / "train_mdlm.py"
     code.write_text("print('hello')\n")
     out = tmp_path / "model.mdlm"
-    report = export_artifact(checkpoint, out, "int6,embed=int8", "zlib", small_numel=1000, code_paths=[code])
+    report = export_artifact(checkpoint, out, "int6,embed=int8", "zlib", small_numel=1000,
+                             code_bytes=code.stat().st_size)
     assert out.stat().st_size == report["artifact_bytes"]
-    assert report["code_bytes"] == code_bytes([code]) == code.stat().st_size
+    assert report["code_bytes"] == code.stat().st_size
     assert report["total_bytes"] == report["code_bytes"] + report["artifact_bytes"]
     assert report["margin_bytes"] == LIMIT_BYTES - report["total_bytes"] and report["fits"]
     groups = {r["group"]: r for r in report["groups"]}
@@ -331,20 +353,27 @@ def test_export_report_and_table(tmp_path, checkpoint):
 def test_oversize_refused_unless_allowed(tmp_path, checkpoint):
     out = tmp_path / "big.mdlm"
     with pytest.raises(OversizeError, match="exceeds the 1,000-byte limit") as e:
-        export_artifact(checkpoint, out, "int8", "zlib", limit=1000)
+        export_artifact(checkpoint, out, "int8", "zlib", code_bytes=100, limit=1000)
     assert str(out) in str(e.value) and not out.exists()
     assert e.value.report["total_bytes"] > 1000 and not e.value.report["fits"]
-    report = export_artifact(checkpoint, out, "int8", "zlib", limit=1000, allow_oversize=True)
+    report = export_artifact(checkpoint, out, "int8", "zlib", code_bytes=100, limit=1000, allow_oversize=True)
     assert out.exists() and not report["fits"] and report["margin_bytes"] < 0
     assert "OVER by" in format_size_table(report)
 
 
 def test_package_code_bytes_default(tmp_path, checkpoint):
-    import mdlm_golf
-
-    report = export_artifact(checkpoint, tmp_path / "a.mdlm", "int8", "zlib", attribute=False)
-    package = Path(mdlm_golf.__file__).parent
-    assert report["code_bytes"] == sum(p.stat().st_size for p in package.rglob("*.py"))
+    """One rule for code bytes: the record script. No package-files default; the CLI counts the script
+    build_script writes, and the script itself counts its own file."""
+    with pytest.raises(TypeError, match="code_bytes"):
+        export_artifact(checkpoint, tmp_path / "a.mdlm", "int8", "zlib")
+    assert main(["export", "--run", str(checkpoint.parent), "--out", str(tmp_path / "a.mdlm"), "--quant", "int8",
+                 "--compressor", "zlib", "--json", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["code_bytes"] == script_bytes() == len(build_script().encode("utf-8"))
+    assert "code_files" not in report and CODE_LABEL in format_size_table(report)
+    assert "code_bytes=Path(__file__).stat().st_size" in SCRIPT_MAIN
+    report = export_artifact(checkpoint, tmp_path / "b.mdlm", "int8", "zlib", code_bytes=7, attribute=False)
+    assert report["code_bytes"] == 7 and report["total_bytes"] == 7 + report["artifact_bytes"]
     assert "compressed_bytes" not in report["groups"][0]
 
 
@@ -366,11 +395,9 @@ def test_gptq_beats_rounding_on_correlated_inputs():
 
 def test_gptq_model_round_trip(tmp_path):
     model = trained_like()
-    with pytest.raises(ValueError, match="calibration"):
-        quantize_model(model, "int6", method="gptq")
     tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, 4000).astype(np.uint16)
     calibration = calibration_batches(model.cfg, tokens, num_batches=2, rows=4)
-    qtensors = quantize_model(model, "int6", method="gptq", small_numel=1000, calibration=calibration)
+    qtensors = quantize_model(model, "int6", small_numel=1000, calibration=calibration)
     data, _ = encode_artifact(qtensors, model.cfg, "int6", compressor="zlib", method="gptq")
     path = tmp_path / "gptq.mdlm"
     write_bytes_atomic(path, data)
@@ -383,8 +410,9 @@ def test_gptq_model_round_trip(tmp_path):
 
 def test_export_with_gptq(tmp_path, checkpoint, prepared_data):
     with pytest.raises(ValueError, match="calibration data"):
-        export_artifact(checkpoint, tmp_path / "g.mdlm", "int6", "zlib", method="gptq")
-    report = export_artifact(checkpoint, tmp_path / "g.mdlm", "int6", "zlib", method="gptq", small_numel=1000,
+        export_artifact(checkpoint, tmp_path / "g.mdlm", "int6", "zlib", code_bytes=0, method="gptq")
+    report = export_artifact(checkpoint, tmp_path / "g.mdlm", "int6", "zlib", code_bytes=0, method="gptq",
+                             small_numel=1000,
                              calib_data=prepared_data, calib_batches=2, calib_rows=4)
     _, _, meta = load_artifact(tmp_path / "g.mdlm")
     assert report["method"] == meta["method"] == "gptq"
@@ -393,21 +421,20 @@ def test_export_with_gptq(tmp_path, checkpoint, prepared_data):
 # ---------------------------------------------------------------- the penalty on a trained model
 
 def test_int8_round_trip_bpb_close_to_float(prepared_data, shared_tokenizer_path, tmp_path):
-    from mdlm_golf.data.shards import ByteTable, load_split, load_tokenizer
-    from mdlm_golf.train.loop import train
-
+    """Strict bpb before and after quantization on the same mask draws: the gap is the penalty, not noise."""
     cfg = build_config("tiny", environ={}, overrides={"steps": 30})
     train(cfg, prepared_data, tmp_path / "run", shared_tokenizer_path, run_eval=False, echo=lambda _: None)
-    from mdlm_golf.checkpoint import load_model
-
     model, cfg, _ = load_model(tmp_path / "run" / "model.pt")
     byte_table = ByteTable.from_tokenizer(load_tokenizer(shared_tokenizer_path), cfg.vocab_size)
     val = load_split(prepared_data, "val", cfg.vocab_size)
-    penalties = {}
+
+    def strict(m: torch.nn.Module) -> dict:
+        return evaluate(m, val, byte_table, cfg, steps=8, num_seqs=4, seed=0, modes=("strict",))["strict"]
+
+    before, penalties = strict(model), {}
     for spec in ("int8", "int4"):
-        quantized = roundtrip_model(model, quantize_model(model, spec, small_numel=0))
-        result = quantization_penalty(model, quantized, val, byte_table, cfg, steps=8, num_seqs=4)
-        assert result["float"]["tokens"] == result["quantized"]["tokens"]
-        penalties[spec] = result["delta_bpb"]
+        after = strict(roundtrip_model(model, quantize_model(model, spec, small_numel=0)))
+        assert before["tokens"] == after["tokens"]
+        penalties[spec] = after["bpb"] - before["bpb"]
     assert abs(penalties["int8"]) < 2e-3  # measured 1e-4 (float 3.77 bpb after 30 steps)
     assert abs(penalties["int8"]) < abs(penalties["int4"])  # the figure does see the quantized weights

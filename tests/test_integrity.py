@@ -16,9 +16,9 @@ import pytest
 from conftest import clean_env, synthetic_byte_table, synthetic_val, zipf_unigram
 import torch
 
-from mdlm_golf.artifact.export import (
-    HEADER, MAGIC, ArtifactError, encode_artifact, load_artifact, quantize_model, read_meta, seal_artifact,
-)
+from mdlm_golf.artifact import load_artifact
+from mdlm_golf.artifact.fileformat import HEADER, MAGIC, ArtifactError, encode_artifact, read_meta, seal_artifact
+from mdlm_golf.artifact.quant import QuantTensor, spec_quantizer
 from mdlm_golf.checkpoint import (
     COMMENT_BYTES, FORMAT, CheckpointError, load_model, read_checkpoint, save_checkpoint, seal_file,
 )
@@ -170,10 +170,15 @@ def test_full_training_state_loads_weights_only(tmp_path):
     assert torch.equal(state["rng"]["torch"], rng)
 
 
+def int8_tensors(model: MDLM) -> list[QuantTensor]:
+    """The model's weights in int8 as the export stores them (block matrices too: small_numel 1000)."""
+    return spec_quantizer(model.state_dict(), model.cfg, small_numel=1000)("int8")
+
+
 @pytest.fixture(scope="module")
 def artifact_bytes() -> bytes:
     model = tiny_model()
-    return encode_artifact(quantize_model(model, "int8", small_numel=1000), model.cfg, "int8", compressor="zlib")[0]
+    return encode_artifact(int8_tensors(model), model.cfg, "int8", compressor="zlib")[0]
 
 
 def test_a_changed_byte_in_artifact_metadata_is_refused(tmp_path, artifact_bytes):
@@ -212,7 +217,7 @@ def test_non_finite_weights_are_refused_on_load(tmp_path):
     save_checkpoint(path, model, model.cfg)
     assert "head.weight" in refused(path, match="not finite")
 
-    qtensors = quantize_model(tiny_model(), "int8", small_numel=1000)
+    qtensors = int8_tensors(tiny_model())
     small = next(qt for qt in qtensors if qt.format == "fp16")
     small.data.reshape(-1)[0] = np.nan  # stored as fp16 values: the NaN reaches the file as it is
     artifact = tmp_path / "nan.mdz"

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mdlm_golf.artifact.export import (
-    AUTO_SPECS, FORMAT_BITS, GROUPS, OversizeError, build_artifact, choose_spec, export_artifact,
-    format_size_table, load_artifact, param_group, parse_spec, read_artifact, spec_quantizer)
+from mdlm_golf.artifact import OversizeError, export_artifact, format_size_table, load_artifact
+from mdlm_golf.artifact.export import AUTO_SPECS, build_artifact, choose_spec
+from mdlm_golf.artifact.fileformat import read_artifact
+from mdlm_golf.artifact.quant import FORMAT_BITS, GROUPS, param_group, parse_spec, spec_quantizer
 from mdlm_golf.checkpoint import save_checkpoint
 from mdlm_golf.config import build_config
 from mdlm_golf.files import write_bytes_atomic
@@ -15,6 +16,7 @@ from test_artifact import checkpoint, trained_like  # noqa: F401 (checkpoint is 
 
 SMALL = 1000  # small_numel low enough that the tiny model's block matrices get quantized too
 MARGIN = 500
+CODE = 15  # bytes of a stand-in record script
 
 
 def test_auto_specs_descend():
@@ -25,28 +27,21 @@ def test_auto_specs_descend():
         assert all(a >= b for a, b in zip(hi, lo)) and hi != lo
 
 
-def spec_totals(checkpoint_path, tmp_path, code) -> dict[str, int]:
+def spec_totals(checkpoint_path, tmp_path) -> dict[str, int]:
     """Each candidate's total bytes, exported on its own."""
     return {spec: export_artifact(checkpoint_path, tmp_path / "each.mdlm", spec, "zlib", small_numel=SMALL,
-                                  code_paths=[code], allow_oversize=True, attribute=False)["total_bytes"]
+                                  code_bytes=CODE, allow_oversize=True, attribute=False)["total_bytes"]
             for spec in AUTO_SPECS}
 
 
-@pytest.fixture
-def code(tmp_path):
-    path = tmp_path / "train_gpt.py"
-    path.write_text("print('hello')\n")
-    return path
-
-
-def test_auto_picks_first_spec_that_fits(tmp_path, checkpoint, code):
-    totals = spec_totals(checkpoint, tmp_path, code)
+def test_auto_picks_first_spec_that_fits(tmp_path, checkpoint):
+    totals = spec_totals(checkpoint, tmp_path)
     assert totals["int8"] > totals["int4"]
     limit = sorted(set(totals.values()))[len(set(totals.values())) // 2] + MARGIN  # int8 does not fit
     expected = next(s for s in AUTO_SPECS if totals[s] + MARGIN <= limit)
     assert expected != "int8"
     out = tmp_path / "auto.mdlm"
-    report = export_artifact(checkpoint, out, "auto", "zlib", small_numel=SMALL, code_paths=[code],
+    report = export_artifact(checkpoint, out, "auto", "zlib", small_numel=SMALL, code_bytes=CODE,
                              limit=limit, min_margin=MARGIN)
     assert report["spec"] == expected and report["spec_requested"] == "auto"
     assert report["margin_bytes"] >= MARGIN and report["total_bytes"] == totals[expected]
@@ -62,10 +57,10 @@ def test_auto_picks_first_spec_that_fits(tmp_path, checkpoint, code):
     assert isinstance(model, MDLM)
 
 
-def test_auto_oversize(tmp_path, checkpoint, code):
+def test_auto_oversize(tmp_path, checkpoint):
     out = tmp_path / "auto.mdlm"
     with pytest.raises(OversizeError, match="no spec leaves 100,000 bytes under the 1,000-byte limit") as e:
-        export_artifact(checkpoint, out, "auto", "zlib", small_numel=SMALL, code_paths=[code], limit=1000)
+        export_artifact(checkpoint, out, "auto", "zlib", small_numel=SMALL, code_bytes=CODE, limit=1000)
     report = e.value.report
     assert not out.exists() and report["spec"] == AUTO_SPECS[-1] == report["auto_tried"][-1]["spec"]
     assert f"totals code {report['code_bytes']:,} + artifact" in str(e.value)
@@ -74,17 +69,17 @@ def test_auto_oversize(tmp_path, checkpoint, code):
     # margin, not just the limit: fits, yet short of the required spare bytes
     limit = report["total_bytes"] + 10
     with pytest.raises(OversizeError, match="no spec leaves 100,000"):
-        export_artifact(checkpoint, out, "auto", "zlib", small_numel=SMALL, code_paths=[code], limit=limit)
-    report = export_artifact(checkpoint, out, "auto", "zlib", small_numel=SMALL, code_paths=[code], limit=limit,
+        export_artifact(checkpoint, out, "auto", "zlib", small_numel=SMALL, code_bytes=CODE, limit=limit)
+    report = export_artifact(checkpoint, out, "auto", "zlib", small_numel=SMALL, code_bytes=CODE, limit=limit,
                              allow_oversize=True)
     assert out.exists() and report["spec"] == AUTO_SPECS[-1] and report["fits"]
 
 
-def test_state_without_adaln_group(tmp_path, code):
+def test_state_without_adaln_group(tmp_path):
     model = trained_like()
     state = {k: v for k, v in model.state_dict().items() if param_group(k) != "adaln"}
     quantize = spec_quantizer(state, model.cfg, small_numel=SMALL)
-    options = dict(compressor="zlib", small_numel=SMALL, code_paths=[code])
+    options = dict(compressor="zlib", small_numel=SMALL, code_bytes=CODE)
     data, report = build_artifact(quantize, model.cfg, "embed=int8,head=int8,attn=int6,mlp=int5,adaln=int8",
                                   **options)
     groups = {r["group"]: r for r in report["groups"]}
@@ -101,19 +96,24 @@ def test_state_without_adaln_group(tmp_path, code):
     assert [qt.name for qt in qtensors] == list(state) and {qt.group for qt in qtensors} == set(GROUPS) - {"adaln"}
 
 
-def test_export_model_without_time_cond(tmp_path, code):
+def test_export_model_without_time_cond(tmp_path):
+    """Without time conditioning the adaln group holds the learned constant modulations (small: fp16)."""
     cfg = build_config("tiny", environ={}, overrides={"time_cond": False})
     torch.manual_seed(0)
     model = MDLM(cfg)
-    if any(param_group(k) == "adaln" for k in model.state_dict()):
-        pytest.skip("MDLM does not drop adaLN for time_cond=False yet")
+    adaln = {k for k in model.state_dict() if param_group(k) == "adaln"}
+    assert adaln == {f"blocks.{i}.modulation" for i in range(cfg.num_layers)} | {"final_modulation"}
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
     path = tmp_path / "model.pt"
     save_checkpoint(path, model, cfg)
     for spec in ("embed=int8,head=int8,attn=int6,mlp=int6,adaln=int8", "auto"):
-        report = export_artifact(path, tmp_path / "a.mdlm", spec, "zlib", small_numel=SMALL, code_paths=[code])
+        report = export_artifact(path, tmp_path / "a.mdlm", spec, "zlib", small_numel=SMALL, code_bytes=CODE)
         assert report["fits"]
+        groups = {r["group"]: r for r in report["groups"]}
+        assert groups["adaln"]["formats"] == ["fp16"] and groups["adaln"]["tensors"] == len(adaln)
         loaded, loaded_cfg, _ = load_artifact(tmp_path / "a.mdlm")
         assert loaded_cfg.time_cond is False and loaded.state_dict().keys() == model.state_dict().keys()
+        for name in adaln:
+            torch.testing.assert_close(loaded.state_dict()[name], model.state_dict()[name], atol=1e-3, rtol=1e-3)

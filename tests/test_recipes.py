@@ -13,14 +13,18 @@ from conftest import small_data, synthetic_byte_table, synthetic_val, zipf_unigr
 import torch
 
 import mdlm_golf.train.loop
+from mdlm_golf.artifact.export import AUTO_MIN_MARGIN, export_artifact
+from mdlm_golf.artifact.size import LIMIT_BYTES
+from mdlm_golf.checkpoint import save_checkpoint
 from mdlm_golf.cli import main
-from mdlm_golf.config import BOS_ID, build_config
-from mdlm_golf.diffusion import Noise, Tokens, diffusion_loss
+from mdlm_golf.config import BOS_ID, Tokens, build_config
+from mdlm_golf.diffusion import Noise, diffusion_loss
 from mdlm_golf.eval.elbo import evaluate
 from mdlm_golf.model import MDLM, document_ids, document_mask
-from mdlm_golf.train.optim import Muon, WeightEMA
+from mdlm_golf.train.optim import Muon, WeightEMA, lr_factor
 from mdlm_golf.sampling import generate
-from mdlm_golf.train.loop import lr_factor, train
+from mdlm_golf.submission import script_bytes
+from mdlm_golf.train.loop import train
 
 CPU = torch.device("cpu")
 
@@ -256,9 +260,6 @@ def test_race_trains_each_recipe_and_tables_the_gap_to_ar(data_dir, tmp_path, ca
 def test_record_preset_default_export_fits(tmp_path):
     """With zlib alone, one code per byte: the default (best of every compressor and layout) is never
     larger for any spec, so if this fits, the default export fits at a spec at least as precise."""
-    from mdlm_golf.artifact.export import AUTO_MIN_MARGIN, LIMIT_BYTES, export_artifact
-    from mdlm_golf.checkpoint import save_checkpoint
-
     cfg = build_config("record", environ={})
     torch.manual_seed(0)
     model = MDLM(cfg)
@@ -266,7 +267,7 @@ def test_record_preset_default_export_fits(tmp_path):
         model.head.weight.normal_(std=0.02)
     save_checkpoint(tmp_path / "model.pt", model, cfg)
     report = export_artifact(tmp_path / "model.pt", tmp_path / "record.mdz", "auto", compressor="zlib",
-                             packed=False)
+                             packed=False, code_bytes=script_bytes())
     assert report["total_bytes"] <= LIMIT_BYTES - AUTO_MIN_MARGIN
     assert (tmp_path / "record.mdz").stat().st_size == report["artifact_bytes"]
     assert report["spec"] != "int4"  # the shape leaves room for more than the last resort

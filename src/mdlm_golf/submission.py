@@ -11,10 +11,22 @@ from .eval import headline
 from .files import write_text_atomic
 
 PACKAGE = Path(__file__).resolve().parent
-# the modules the standalone script needs, in dependency order (no CLI, no download, no demo)
-SCRIPT_MODULES = ("files", "config", "data.shards", "model", "diffusion", "objective", "dist", "data.loader",
-                  "checkpoint", "eval.elbo", "train.optim", "train.loop", "artifact.export")
 SCRIPT_NAME = "train_mdlm.py"
+# What SCRIPT_MAIN calls, imported as a package module would: the script holds these names' modules and,
+# following their relative imports, every module those need, so new modules of a stage come along.
+SCRIPT_IMPORTS = """
+from .artifact import export_artifact, format_size_table, load_artifact
+from .config import build_config
+from .data import ByteTable, load_split, load_tokenizer
+from .dist import barrier, init_distributed, shutdown
+from .eval import evaluate, format_result
+from .files import write_text_atomic
+from .train import train
+"""
+MAIN_STDLIB = ("import json", "import os", "from pathlib import Path")  # SCRIPT_MAIN's own imports
+# A module named so (any dotted part) never goes into the script: the CLI, downloads, the demo, this writer.
+EXCLUDED_PARTS = frozenset({"__main__", "cli", "demo", "download", "submission"})
+ROOT = "__script__"  # SCRIPT_IMPORTS' importer: a module at the package root
 
 SCRIPT_MAIN = '''
 def _env_path(name, default):
@@ -32,7 +44,8 @@ def main():
     env = init_distributed()
     if env.is_main:
         report = export_artifact(run / "model.pt", artifact, os.environ.get("QUANT", "int8"),
-                                 os.environ.get("COMPRESSOR", "lzma"), code_paths=[Path(__file__)])
+                                 os.environ.get("COMPRESSOR", "lzma"),
+                                 code_bytes=Path(__file__).stat().st_size)  # this file: the code counted
         print(format_size_table(report))
     barrier()
     model, cfg, _ = load_artifact(artifact, env.device)
@@ -56,49 +69,132 @@ class SubmissionError(ValueError):
     """The record folder cannot be written; the message is one line."""
 
 
-class _DropRelativeImports(ast.NodeTransformer):
-    """In one file the package's names are plain globals: drop `from .x import y` wherever it stands."""
-
-    def __init__(self, name: str, included: tuple[str, ...]):
-        self.name, self.included = name, included
-
-    def visit_ImportFrom(self, node: ast.ImportFrom):
-        if not node.level:
-            return node
-        package = self.name.split(".")[:-1]
-        target = ".".join(package[:len(package) - node.level + 1] + [node.module or ""])
-        # a stage package (`from ..data import x`) re-exports names of its modules
-        if not any(m == target or m.startswith(target + ".") for m in self.included):
-            raise SubmissionError(f"{module_path(self.name)}:{node.lineno}: imports {target}, which the "
-                                  f"standalone script does not include")
-        return None if node in self.top else ast.Pass()
-
-    def visit_Module(self, node: ast.Module):
-        self.top = node.body
-        return self.generic_visit(node)
-
-
 def module_path(name: str) -> str:
     """data.shards -> data/shards.py"""
     return name.replace(".", "/") + ".py"
 
 
-def module_body(name: str, included: tuple[str, ...]) -> tuple[list[str], list[str]]:
+def is_module(name: str) -> bool:
+    """Whether the dotted name is a module file of the package (not a stage package)."""
+    return bool(name) and (PACKAGE / module_path(name)).is_file()
+
+
+def is_stage(name: str) -> bool:
+    """Whether the dotted name is a package folder (a stage) of the package."""
+    return bool(name) and (PACKAGE / name.replace(".", "/") / "__init__.py").is_file()
+
+
+def parse_module(name: str) -> ast.Module:
+    """The syntax tree of one package file (NAME or STAGE.__init__)."""
+    return ast.parse((PACKAGE / module_path(name)).read_text(encoding="utf-8"))
+
+
+def location(importer: str, lineno: int) -> str:
+    """FILE:LINE of an import, for messages (SCRIPT_IMPORTS for the script's own)."""
+    return f"{'submission.SCRIPT_IMPORTS' if importer == ROOT else module_path(importer)}:{lineno}"
+
+
+def relative_target(importer: str, node: ast.ImportFrom) -> str:
+    """The dotted name `from .x import` refers to, seen from module `importer` (`stage.__init__` for a stage)."""
+    package = importer.split(".")[:-1]
+    if node.level - 1 > len(package):
+        raise SubmissionError(f"{location(importer, node.lineno)}: relative import beyond the package")
+    return ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+
+
+def defining_module(target: str, name: str, where: str) -> str:
+    """The module that defines `name`: `target` itself, or the module its stage __init__ re-exports it from."""
+    if is_module(target):
+        return target
+    if not is_stage(target):
+        raise SubmissionError(f"{where}: imports {target or 'the package root'}, which is no module of the package")
+    if is_module(f"{target}.{name}") or is_stage(f"{target}.{name}"):
+        raise SubmissionError(f"{where}: imports module {target}.{name}; the one-file script needs "
+                              f"`from .{name} import NAME`")
+    init = f"{target}.__init__"
+    for node in parse_module(init).body:
+        if isinstance(node, ast.ImportFrom) and node.level and name in (a.name for a in node.names):
+            return defining_module(relative_target(init, node), name, f"{module_path(init)}:{node.lineno}")
+    raise SubmissionError(f"{where}: {name} is not re-exported from a module by {module_path(init)}")
+
+
+def absolute_self_import(node: ast.Import | ast.ImportFrom) -> bool:
+    """`import mdlm_golf...` or `from mdlm_golf... import`: nothing the one-file script could resolve."""
+    names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+    return any(n.split(".")[0] == PACKAGE.name for n in names)
+
+
+def imported_modules(importer: str, tree: ast.Module) -> list[str]:
+    """The package modules that `importer` imports names from (its relative imports, in source order)."""
+    modules = []
+    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))), key=lambda n: n.lineno)
+    for node in nodes:
+        where = location(importer, node.lineno)
+        if absolute_self_import(node):
+            raise SubmissionError(f"{where}: imports {PACKAGE.name} by absolute name; use a relative import")
+        if isinstance(node, ast.Import) or not node.level:
+            continue
+        target = relative_target(importer, node)
+        for alias in node.names:
+            if alias.name == "*" or alias.asname:
+                raise SubmissionError(f"{where}: `{ast.unparse(node)}` renames or star-imports; in one file "
+                                      f"every name must keep its own")
+            module = defining_module(target, alias.name, where)
+            if EXCLUDED_PARTS & set(module.split(".")):
+                raise SubmissionError(f"{where}: imports {module}, which must stay out of the standalone "
+                                      f"script (CLI, downloads, demo)")
+            if module not in modules:
+                modules.append(module)
+    return modules
+
+
+def script_modules(imports: str = SCRIPT_IMPORTS) -> list[str]:
+    """The modules `imports` needs and, recursively, theirs: each after the modules it imports from."""
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:  # done, or in progress: an import cycle keeps the first-reached module first
+            return
+        seen.add(name)
+        for dependency in imported_modules(name, parse_module(name)):
+            visit(dependency)
+        order.append(name)
+
+    for module in imported_modules(ROOT, ast.parse(imports)):
+        visit(module)
+    return order
+
+
+def drop_relative_imports(tree: ast.Module) -> ast.Module:
+    """In one file the package's names are plain globals: drop `from .x import y` wherever it stands."""
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(node, field, None)
+            if isinstance(block, list):
+                kept = [n for n in block if not (isinstance(n, ast.ImportFrom) and n.level)]
+                if len(kept) < len(block):
+                    setattr(node, field, kept or [ast.Pass()])  # a block left empty needs a statement
+    return tree
+
+
+def module_body(name: str) -> tuple[list[str], list[str]]:
     """(absolute import lines, body source) of one package module, its relative imports dropped."""
-    path = PACKAGE / module_path(name)
-    tree = _DropRelativeImports(name, included).visit(ast.parse(path.read_text(encoding="utf-8")))
     imports, body = [], []
-    for node in tree.body:
+    for node in drop_relative_imports(parse_module(name)).body:
         if isinstance(node, ast.ImportFrom) and node.module == "__future__":
             continue  # stated once at the top of the file
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             imports.append(ast.unparse(node))
+        elif isinstance(node, ast.Pass):
+            continue  # what dropping left of a module of imports only
         elif not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
             body.append(ast.unparse(node))  # the module docstring is dropped
     return imports, body
 
 
 def top_level_names(source: str) -> set[str]:
+    """The functions, classes and variables a source defines at its top level."""
     names = set()
     for node in ast.parse(source).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -109,25 +205,34 @@ def top_level_names(source: str) -> set[str]:
     return names
 
 
-def build_script(modules: tuple[str, ...] = SCRIPT_MODULES) -> str:
-    """The package's modules concatenated into one standalone file (torch, numpy, sentencepiece only)."""
-    imports: list[str] = []
-    parts, owner = [], {}
-    for name in modules:
-        module_imports, body = module_body(name, modules)
+def claim_names(source: str, where: str, owner: dict[str, str]) -> None:
+    """Record who defines each top-level name; in one file a second definition would silently win."""
+    for symbol in top_level_names(source):
+        if symbol in owner:
+            raise SubmissionError(f"{where} and {owner[symbol]} both define {symbol!r}")
+        owner[symbol] = where
+
+
+def build_script() -> str:
+    """The modules SCRIPT_MAIN needs concatenated into one standalone file (torch, numpy, sentencepiece only)."""
+    imports, parts, owner = list(MAIN_STDLIB), [], {}
+    for name in script_modules(SCRIPT_IMPORTS):
+        module_imports, body = module_body(name)
         imports += [line for line in module_imports if line not in imports]
         source = "\n\n".join(body)
-        for symbol in top_level_names(source):
-            if symbol in owner:
-                raise SubmissionError(f"{module_path(name)} and {module_path(owner[symbol])} both define "
-                                      f"{symbol!r}")
-            owner[symbol] = name
+        claim_names(source, module_path(name), owner)
         parts.append(f"# ---- {module_path(name)}\n{source}")
+    claim_names(SCRIPT_MAIN, SCRIPT_NAME, owner)
     header = ('"""MDLM for parameter golf: standalone train + quantize + evaluate, generated by mdlm-golf."""\n'
               "from __future__ import annotations\n")
     script = header + "\n".join(imports) + "\n\n" + "\n\n\n".join(parts) + "\n\n" + SCRIPT_MAIN
     ast.parse(script)  # fail here, not on the record machine
     return script
+
+
+def script_bytes() -> int:
+    """The code bytes a record counts: its one file, the script build_script writes (UTF-8)."""
+    return len(build_script().encode("utf-8"))
 
 
 def write_submission(run_dir: Path, artifact_path: Path, out_dir: Path, *, name: str, github_id: str,

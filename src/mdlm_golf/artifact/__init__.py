@@ -1,2 +1,4 @@
-"""Artifact stage: quantization, the file format, size accounting and export."""
-from .export import OversizeError, export_artifact, format_size_table, load_artifact
+"""Artifact stage: per-row rounding and GPTQ, the file format, compressors, size accounting and export."""
+from .export import OversizeError, export_artifact
+from .fileformat import load_artifact
+from .size import format_size_table
