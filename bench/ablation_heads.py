@@ -31,7 +31,7 @@ import torch
 
 from mdlm_golf.experiments.ablation import ablate
 from mdlm_golf.config import build_config
-from mdlm_golf.data.shards import prepare
+from mdlm_golf.data import prepare
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 HEADS = [2, 4, 8, 16, 32]

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from mdlm_golf.checkpoint import load_model
-from mdlm_golf.data.shards import ByteTable, load_split, load_tokenizer
-from mdlm_golf.eval.elbo import evaluate, headline
+from mdlm_golf.data import ByteTable, load_split, load_tokenizer
+from mdlm_golf.eval import evaluate, headline
 
 
 def tune_scores(race_dir: Path, data_dir: Path, skip: int, num_seqs: int) -> dict[tuple[str, int], float]:

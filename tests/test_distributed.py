@@ -10,7 +10,7 @@ import pytest
 from conftest import clean_env, small_data
 
 from mdlm_golf.cli import main
-from mdlm_golf.data.shards import ByteTable, load_split
+from mdlm_golf.data import ByteTable, load_split
 
 TIMEOUT = 240  # seconds for any one subprocess
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -25,7 +25,8 @@ from ..config import Config, field_types, parse_value
 from ..data import ByteTable, load_split, load_tokenizer
 from ..eval import evaluate, headline
 from ..files import atomic_path, write_text_atomic
-from ..train import pick_device, train
+from ..dist import pick_device
+from ..train import train
 
 EVAL_SEED = 0  # mask seed of every run's evaluation (the `mdlm-golf eval` default)
 SUMMARY_NAME = "train_summary.json"  # written before eval.json: eval.json marks a finished run
