@@ -45,14 +45,17 @@ import numpy as np
 import torch
 
 from mdlm_golf.config import BOS_ID, LAYOUTS, Config, build_config
-from mdlm_golf.data.shards import copy_rows, doc_windows, read_shard, shard_paths
-from mdlm_golf.dist import init_distributed
-from mdlm_golf.eval.elbo import EvalSlices, elbo_bits
+from mdlm_golf.data import read_shard, shard_paths
+from mdlm_golf.data.rows import copy_rows, doc_windows
+from mdlm_golf.dist import init_distributed, pick_device
+from mdlm_golf.eval.elbo import elbo_bits
+from mdlm_golf.eval.harness import EvalSlices
 from mdlm_golf.data.loader import ShardedLoader
 from mdlm_golf.model import MDLM
-from mdlm_golf.train.optim import build_optimizer
-from mdlm_golf.train.loop import PEAK_FLOPS, build_objective, lr_factor, matmul_params, pick_device, train_step, warm_up
-from mdlm_golf.train.loop import flops_per_token as train_flops_per_token
+from mdlm_golf.train.loop import build_objective, train_step, warm_up
+from mdlm_golf.train.optim import build_optimizer, lr_factor
+from mdlm_golf.train.runlog import PEAK_FLOPS, matmul_params
+from mdlm_golf.train.runlog import flops_per_token as train_flops_per_token
 
 from machine import cpu_model  # bench/machine.py; the script's folder is on sys.path
 
@@ -191,13 +194,11 @@ def time_training(cfg: Config, args, source: CountingRows) -> tuple[dict, MDLM]:
     model = MDLM(cfg).to(device)
     optimizer = build_optimizer(model, cfg, device)
     objective = build_objective(model, cfg, env)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    compile_s = warm_up(objective, model, cfg, env, autocast) if cfg.compile else 0.0
+    compile_s = warm_up(objective, model, cfg, env) if cfg.compile else 0.0
 
     def step(i: int) -> torch.Tensor:
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(i, cfg)
-        return train_step(objective, model, optimizer, source, cfg, i, env, autocast)
+        optimizer.set_lr_factor(lr_factor(i, cfg))
+        return train_step(objective, model, optimizer, source, cfg, i, env)
 
     began = time.perf_counter()
     for i in range(args.warmup):

@@ -18,8 +18,10 @@ import mdlm_golf.train.loop
 from mdlm_golf.checkpoint import read_checkpoint
 from mdlm_golf.cli import main
 from mdlm_golf.config import RANGES, Config, build_config, describe_range
-from mdlm_golf.data.shards import DataError, load_split, prepare, shard_paths, write_shard
-from mdlm_golf.train.loop import RUN_FILES, train
+from mdlm_golf.data import DataError, load_split, prepare, shard_paths
+from mdlm_golf.data.shards import write_shard
+from mdlm_golf.train.loop import train
+from mdlm_golf.train.rundir import RUN_FILES
 
 CPU = torch.device("cpu")
 TINY = ["--preset", "tiny", "--log-every", "1"]

@@ -16,10 +16,13 @@ import pytest
 import torch
 from conftest import clean_env, small_data
 
+import mdlm_golf.train.control
 import mdlm_golf.train.loop
 from mdlm_golf.config import build_config
 from mdlm_golf.model import MDLM
-from mdlm_golf.train.loop import flops_per_token, lr_factor, peak_flops, step_line, train
+from mdlm_golf.train.loop import train
+from mdlm_golf.train.optim import lr_factor
+from mdlm_golf.train.runlog import flops_per_token, peak_flops, step_line
 
 CPU = torch.device("cpu")
 STEP_SECONDS = 0.125  # a binary fraction: sums of it are exact
@@ -48,7 +51,7 @@ class FakeClock:
 
     def __init__(self, monkeypatch):
         self.now, self.steps, self.votes = 0.0, 0, []
-        step, reduce = mdlm_golf.train.loop.train_step, mdlm_golf.train.loop.all_reduce_sum
+        step, reduce = mdlm_golf.train.loop.train_step, mdlm_golf.train.control.all_reduce_sum
 
         def timed_step(*args, **kwargs):
             self.steps += 1
@@ -56,15 +59,14 @@ class FakeClock:
             return step(*args, **kwargs)
 
         def counted_reduce(tensor):
-            # train_step's all-reduce (the batch's scored-token count) stays on the device, read by
-            # no one; every other one is a vote, read on the host
-            if sys._getframe(1).f_code.co_name != "train_step":
-                self.votes.append(self.steps)
+            # run control's all-reduces are the votes, read on the host (train_step's own all-reduce,
+            # the batch's scored-token count, stays on the device, read by no one)
+            self.votes.append(self.steps)
             return reduce(tensor)
 
         monkeypatch.setattr(mdlm_golf.train.loop, "train_step", timed_step)
-        monkeypatch.setattr(mdlm_golf.train.loop, "all_reduce_sum", counted_reduce)
-        monkeypatch.setattr(mdlm_golf.train.loop, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+        monkeypatch.setattr(mdlm_golf.train.control, "all_reduce_sum", counted_reduce)
+        monkeypatch.setattr(mdlm_golf.train.control, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
 
 
 def test_an_uncapped_run_votes_only_at_log_steps(data_dir, shared_tokenizer_path, tmp_path, monkeypatch):

@@ -1,2 +1,4 @@
-"""Training stage: the loop, run control (stop vote, signals, wall clock), run logging, optimizers."""
-from .loop import claim_run_dir, pick_device, resume_config, train
+"""Training stage: the loop, run control (stop vote, signals, wall clock), run logging, the run folder,
+optimizers."""
+from .loop import train
+from .rundir import claim_run_dir, resume_config

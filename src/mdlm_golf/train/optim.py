@@ -1,5 +1,8 @@
-"""Optimizers: AdamW, or Muon for the 2-D hidden matrices beside AdamW for the rest; a weight EMA."""
+"""Optimizers: AdamW, or Muon for the 2-D hidden matrices beside AdamW for the rest; the lr schedule;
+a weight EMA."""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -62,6 +65,11 @@ class Optimizers:
         """Read live: load_state_dict replaces each optimizer's group dicts."""
         return [g for o in self.optimizers.values() for g in o.param_groups]
 
+    def set_lr_factor(self, factor: float) -> None:
+        """Every group's lr to its base_lr x factor (the schedule's lr_factor)."""
+        for group in self.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
     def step(self) -> None:
         for o in self.optimizers.values():
             o.step()
@@ -98,6 +106,25 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> Opti
     if muon:
         optimizers["muon"] = Muon(muon, lr=cfg.muon_lr)
     return Optimizers(**optimizers)
+
+
+def progress(step: int, cfg: Config, elapsed: float) -> float:
+    """Fraction of the run done after this step: of the steps, or of the wall-clock budget if that
+    runs out first, so a capped run always completes its warmdown."""
+    done = (step + 1) / cfg.steps
+    return max(done, elapsed / cfg.max_wallclock) if cfg.max_wallclock else done
+
+
+def lr_factor(step: int, cfg: Config, elapsed: float = 0.0) -> float:
+    """Linear warmup over warmup_steps, constant, then cosine warmdown to 0.1x over the last
+    warmdown_steps / steps of the run's progress (steps, or seconds under --max-wallclock)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    warmdown = min(1.0, cfg.warmdown_steps / cfg.steps)
+    into = progress(step, cfg, elapsed) - (1.0 - warmdown)
+    if warmdown <= 0 or into < 0:
+        return 1.0
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, into / warmdown)))
 
 
 class WeightEMA:

@@ -1,0 +1,98 @@
+"""The run folder: what it holds, claiming it for a new run, and the training checkpoint that --resume
+continues from (its config checked against RUN/config.json and the flags)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from ..config import Config, config_from_dict
+from ..data import ShardedLoader
+from ..files import read_json_object
+from ..model import MDLM
+from .optim import Optimizers, WeightEMA
+
+CHECKPOINT_NAME = "checkpoint.pt"  # training state for --resume; model.pt holds the final weights
+# fields a resumed run may change: how long and how it logs, not what it trains
+RESUMABLE_FIELDS = {"steps", "max_wallclock", "log_every", "checkpoint_every", "elbo_steps",
+                    "eval_num_seqs", "eval_batch_rows"}
+# what a run folder holds: a new run refuses a folder with any of them (the CLI's --overwrite deletes them)
+RUN_FILES = ("model.pt", CHECKPOINT_NAME, "config.json", "metrics.jsonl", "train.log", "eval.json")
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds one, unless overwrite: then its files go first
+    (so metrics.jsonl and train.log start empty rather than appended to)."""
+    found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+    if found and not overwrite:
+        raise ValueError(f"{run_dir}: holds a run ({', '.join(found)}); continue it with --resume {run_dir}, "
+                         f"train into a new --out, or pass --overwrite to replace it")
+    for name in found:
+        (Path(run_dir) / name).unlink()
+
+
+def resume_config(run_dir: Path, overrides: dict) -> Config:
+    """The config of RUN's checkpoint; flags may change only run-control fields, not the model or data."""
+    path = run_dir / CHECKPOINT_NAME
+    state = read_checkpoint(path)
+    try:
+        cfg = config_from_dict(state["config"], str(path))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad config ({e})") from None
+    check_saved_config(run_dir, cfg)
+    for name, value in overrides.items():
+        if name not in RESUMABLE_FIELDS and getattr(cfg, name) != value:
+            raise CheckpointError(f"{path}: saved with {name}={getattr(cfg, name)!r}, "
+                                  f"asked for {value!r}; a resumed run keeps its config")
+        setattr(cfg, name, value)
+    cfg.validate()  # setattr skipped it
+    return cfg
+
+
+def check_saved_config(run_dir: Path, cfg: Config) -> None:
+    """RUN/config.json, where there is one, must agree with the checkpoint's config on every field
+    a resumed run may not change."""
+    path = run_dir / "config.json"
+    saved = read_json_object(path, CheckpointError)
+    if saved is None:
+        return
+    # grad_accum follows the process count when global_batch_rows fixes the batch
+    free = RESUMABLE_FIELDS | ({"grad_accum"} if cfg.global_batch_rows else set())
+    ours = cfg.to_dict()
+    changed = sorted(k for k in set(saved) | set(ours) if k not in free and saved.get(k) != ours.get(k))
+    if changed:
+        name = changed[0]
+        raise CheckpointError(f"{path}: {name}={saved.get(name)!r}, but {run_dir / CHECKPOINT_NAME} was saved "
+                              f"with {name}={ours.get(name)!r}; a resumed run keeps its model and data config")
+
+
+def save_training_state(path: Path, model: MDLM, cfg: Config, optimizer: Optimizers, ema: WeightEMA | None,
+                        loader: ShardedLoader, *, step: int, seconds: float, world_size: int,
+                        tokenizer: str) -> None:
+    """RUN/checkpoint.pt: everything --resume needs after `step` steps and `seconds` of training."""
+    save_checkpoint(path, model, cfg, step=step, train_seconds=seconds, world_size=world_size,
+                    optimizer=optimizer.state_dict(), loader=loader.state_dict(),
+                    ema=ema.state_dict() if ema else None, rng={"torch": torch.get_rng_state()},
+                    tokenizer=tokenizer)
+
+
+def restore_training_state(state: dict, path: Path, cfg: Config, world_size: int, model: MDLM,
+                           optimizer: Optimizers, ema: WeightEMA | None,
+                           loader: ShardedLoader) -> tuple[int, float]:
+    """Model, optimizer, EMA, loader position and RNG from a training checkpoint (one-line errors);
+    returns its step and training seconds."""
+    if state.get("world_size", 1) != world_size and not cfg.global_batch_rows:
+        raise CheckpointError(f"{path}: saved by {state.get('world_size', 1)} process(es), resumed by "
+                              f"{world_size}: that would change the global batch; resume with the same "
+                              f"count or set --global-batch-rows")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot resume from it ({str(e).splitlines()[0]})") from None
+    return state["step"], state["train_seconds"]
