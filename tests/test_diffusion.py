@@ -250,7 +250,6 @@ def test_masked_nll_equals_subs_log_prob_at_x0_on_masked_positions():
     x0 = torch.randint(0, V, (4, 50), generator=gen)
     x0[1, -10:] = PAD  # PAD targets must not break the gather
     masked = (torch.rand(x0.shape, generator=gen) < 0.5) & (x0 != PAD)
-    x_t = torch.where(masked, torch.full_like(x0, MASK), x0)
     logits = torch.randn(4, 50, V + 2, generator=gen) * 2
     logits[..., MASK] = 20.0
     nll = masked_nll(logits, x0, TOK)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from conftest import UnigramDenoiser, synthetic_byte_table, synthetic_val, zipf_unigram
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mdlm_golf.config import BOS_ID, Tokens, build_config

@@ -2,3 +2,5 @@
 from .export import OversizeError, export_artifact
 from .fileformat import load_artifact
 from .size import format_size_table
+
+__all__ = ["OversizeError", "export_artifact", "load_artifact", "format_size_table"]

@@ -4,3 +4,8 @@ from .corpus import MIN_VOCAB, prepare
 from .loader import ShardedLoader
 from .shards import DataError, load_split, read_manifest, read_shard, shard_paths
 from .tokenizer import ByteTable, load_tokenizer
+
+__all__ = [
+    "MIN_VOCAB", "prepare", "ShardedLoader", "DataError", "load_split", "read_manifest", "read_shard",
+    "shard_paths", "ByteTable", "load_tokenizer",
+]

@@ -4,3 +4,9 @@ from .elbo import evaluate
 from .harness import HEADLINE_MODES, MODES, format_result, headline, projected_seconds
 from .planned import (ORDERS, Schedule, check_order, evaluate_planned, format_planned_result, masked_start,
                       require_mdlm, run_planned)
+
+__all__ = [
+    "evaluate", "HEADLINE_MODES", "MODES", "format_result", "headline", "projected_seconds", "ORDERS",
+    "Schedule", "check_order", "evaluate_planned", "format_planned_result", "masked_start",
+    "require_mdlm", "run_planned",
+]

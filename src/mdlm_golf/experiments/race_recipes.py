@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import sys
 import time
 from pathlib import Path
 from typing import Callable

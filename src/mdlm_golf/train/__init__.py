@@ -2,3 +2,5 @@
 optimizers."""
 from .loop import train
 from .rundir import claim_run_dir, resume_config
+
+__all__ = ["train", "claim_run_dir", "resume_config"]

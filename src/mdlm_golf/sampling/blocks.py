@@ -1,0 +1,62 @@
+"""Block diffusion's sampler: blocks left to right, each by the in-block sampler given the clean
+blocks before it, kept in a KV cache."""
+from __future__ import annotations
+
+import torch
+
+from ..attention import KVCache
+from ..config import Config, Tokens
+from ..dist import autocast
+from .options import close_documents
+from .steps import Denoising, Network
+
+
+def denoise_blocks(model, cfg: Config, x: torch.Tensor, run: Denoising, kv_cache: bool) -> torch.Tensor:
+    """Block diffusion's sampler: each block denoised by the in-block sampler given the clean blocks
+    before it, which either sit in a KV cache (one clean forward per block, never recomputed) or are
+    run again at every forward (kv_cache False: the training forward, as a check)."""
+    tokens, cache = run.tokens, KVCache(cfg.num_layers)
+    for lo in range(0, x.size(1), cfg.block):
+        hi = min(lo + cfg.block, x.size(1))
+        if kv_cache:
+            network = cached_network(model, cache)
+        else:
+            network = recomputing_network(model, cfg, x[:, :lo])
+        region = run.denoise(x[:, lo:hi].clone(), network, lambda r: close_region(x, r, lo, tokens))
+        x = close_documents(torch.cat([x[:, :lo], region, x[:, hi:]], 1), tokens)
+        if not bool((x[:, hi:] == tokens.mask).any()):
+            break  # every row has ended its document
+        if kv_cache:
+            with autocast(x.device):
+                model.forward_cached(x[:, lo:hi], torch.zeros(x.size(0), device=x.device), cache, store=True)
+            run.count(torch.ones(x.size(0), dtype=torch.bool), hi - lo)
+    return x
+
+
+def close_region(x: torch.Tensor, region: torch.Tensor, lo: int, tokens: Tokens) -> torch.Tensor:
+    """close_documents for a block: a boundary revealed in it ends its row there."""
+    return close_documents(torch.cat([x[:, :lo], region], 1), tokens)[:, lo:]
+
+
+def cached_network(model, cache: KVCache) -> Network:
+    def network(region: torch.Tensor, rows: torch.Tensor, sigma_k: float) -> torch.Tensor:
+        index = rows.nonzero().squeeze(1)
+        sigma_in = torch.full((index.numel(),), sigma_k, dtype=torch.float32, device=region.device)
+        with autocast(region.device):
+            return model.forward_cached(region[index], sigma_in, cache.rows(index))
+    return network
+
+
+def recomputing_network(model, cfg: Config, past: torch.Tensor) -> Network:
+    """The block's logits from the training forward over [x_t ; x_0] of the past and the block (padded
+    with PAD to whole blocks): the noisy block sees exactly the clean blocks before it."""
+    def network(region: torch.Tensor, rows: torch.Tensor, sigma_k: float) -> torch.Tensor:
+        index = rows.nonzero().squeeze(1)
+        seq = torch.cat([past[index], region[index]], 1)
+        fill = -seq.size(1) % cfg.block
+        seq = torch.cat([seq, torch.full((seq.size(0), fill), cfg.pad_id, dtype=seq.dtype, device=seq.device)], 1)
+        sigma_in = torch.full((index.numel(),), sigma_k, dtype=torch.float32, device=region.device)
+        with autocast(region.device):
+            logits = model(seq, sigma_in, clean=seq)
+        return logits[:, past.size(1): past.size(1) + region.size(1)]
+    return network
