@@ -1,5 +1,6 @@
-"""Block diffusion's sampler: blocks left to right, each by the in-block sampler given the clean
-blocks before it, kept in a KV cache."""
+"""Block diffusion's sampler: blocks left to right, each by the in-block sampler (ancestral, cached or
+confidence) given the clean blocks before it, kept in a KV cache. `steps` is per block; the canvas may
+run past seq_len (RoPE positions go on), and rows stop at a revealed BOS or EOS as elsewhere."""
 from __future__ import annotations
 
 import torch
@@ -39,6 +40,7 @@ def close_region(x: torch.Tensor, region: torch.Tensor, lo: int, tokens: Tokens)
 
 
 def cached_network(model, cache: KVCache) -> Network:
+    """The block's logits from the cached forward: its rows' cached keys and values, then the block."""
     def network(region: torch.Tensor, rows: torch.Tensor, sigma_k: float) -> torch.Tensor:
         index = rows.nonzero().squeeze(1)
         sigma_in = torch.full((index.numel(),), sigma_k, dtype=torch.float32, device=region.device)

@@ -54,7 +54,7 @@ def generate(model, cfg: Config, *, num: int, length: int, steps: int, sampler: 
         return generate_left_to_right(model, cfg, opts, device)
     tokens = Tokens(cfg.vocab_size)
     x = initial_canvas(opts, tokens).to(device)
-    run = Denoising(opts, cfg, row_generators(opts), num)
+    run = Denoising(opts, cfg, row_generators(opts))
     start = time.perf_counter()
     with torch.inference_mode():
         if cfg.blockwise:

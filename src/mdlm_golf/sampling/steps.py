@@ -19,11 +19,11 @@ Network = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 class Denoising:
     """The reverse process over a region of the canvas (all of it, or one block), and its counters."""
 
-    def __init__(self, opts: SampleOptions, cfg: Config, generators: list[torch.Generator], num: int):
+    def __init__(self, opts: SampleOptions, cfg: Config, generators: list[torch.Generator]):
         self.opts, self.generators, self.tokens = opts, generators, Tokens(cfg.vocab_size)
         self.weights = reveal_weights(opts.steps, cfg.noise_eps).tolist()  # [k - 1]: reveal chance at step k
         self.sigmas = sigma(torch.arange(opts.steps + 1, dtype=torch.float64) / opts.steps, cfg.noise_eps).tolist()
-        self.nfe, self.row_nfe, self.positions, self.widths = 0, torch.zeros(num, dtype=torch.long), 0, []
+        self.nfe, self.row_nfe, self.positions, self.widths = 0, torch.zeros(opts.num, dtype=torch.long), 0, []
 
     def denoise(self, region: torch.Tensor, network: Network,
                 close: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
