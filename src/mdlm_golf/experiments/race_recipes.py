@@ -156,7 +156,7 @@ def markdown_table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """bpb against training tokens and against training seconds: each seed a line, per recipe a colour."""
-    import matplotlib
+    import matplotlib  # optional (the `plot` extra): only the figure needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
