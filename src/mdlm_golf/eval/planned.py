@@ -5,7 +5,7 @@ picks the next positions with a rule that sees only that output and the revealed
 -log2 p(x_i | revealed) for each picked token under the SUBS distribution (MASK and PAD impossible).
 Revealing m tokens per pass codes them with the product of their marginals: still a valid code,
 decodable in the same order, at L / m network evaluations per slice (m = 1, left to right, is the
-chain rule). coder.py turns these numbers into a file by running the very same loop.
+chain rule). The coder (coder/) turns these numbers into a file by running the very same loop.
 
 Design choices (the tests check each):
 - sigma: the network is conditioned as in training, where a position is masked with probability
@@ -207,7 +207,7 @@ def evaluate_planned(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: 
                      modes: tuple[str, ...] = MODES, device: torch.device | None = None) -> dict[str, dict]:
     """Planned-order bpb of `model` on the first num_seqs val slices (0 = all), per mode.
 
-    Same slices, bytes and distributed split as evaluate.evaluate: rank r takes slices r, r + world,
+    Same slices, bytes and distributed split as eval.elbo.evaluate: rank r takes slices r, r + world,
     ...; bits, tokens, bytes and network evaluations are summed over ranks in float64.
     """
     require_mdlm(cfg)
