@@ -82,7 +82,7 @@ def sample_tokens_per_s(model: MDLM, cfg: Config, args: argparse.Namespace, kv_c
 
 def measure(block: int, args: argparse.Namespace) -> dict:
     base = build_config(args.preset, environ={})
-    cfg = dataclasses.replace(base, block_size=block, seq_len=base.seq_len)
+    cfg = dataclasses.replace(base, block_size=block)
     torch.manual_seed(0)
     model = MDLM(cfg).to(args.device)
     row = {"block": cfg.block, "blockwise": cfg.blockwise, "seq_len": cfg.seq_len,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import KVCache
-from ..config import Config, Tokens
+from ..config import Config
 from ..dist import autocast
 from .options import close_documents
 from .steps import Denoising, Network
@@ -23,7 +23,10 @@ def denoise_blocks(model, cfg: Config, x: torch.Tensor, run: Denoising, kv_cache
             network = cached_network(model, cache)
         else:
             network = recomputing_network(model, cfg, x[:, :lo])
-        region = run.denoise(x[:, lo:hi].clone(), network, lambda r: close_region(x, r, lo, tokens))
+        # the past holds no boundary (closing turned it and what follows into PAD), so a block is
+        # closed on its own: any boundary revealed in it, except the row's opening BOS, ends the row
+        region = run.denoise(x[:, lo:hi].clone(), network,
+                             lambda r: close_documents(r, tokens, opening=lo == 0))
         x = close_documents(torch.cat([x[:, :lo], region, x[:, hi:]], 1), tokens)
         if not bool((x[:, hi:] == tokens.mask).any()):
             break  # every row has ended its document
@@ -32,11 +35,6 @@ def denoise_blocks(model, cfg: Config, x: torch.Tensor, run: Denoising, kv_cache
                 model.forward_cached(x[:, lo:hi], torch.zeros(x.size(0), device=x.device), cache, store=True)
             run.count(torch.ones(x.size(0), dtype=torch.bool), hi - lo)
     return x
-
-
-def close_region(x: torch.Tensor, region: torch.Tensor, lo: int, tokens: Tokens) -> torch.Tensor:
-    """close_documents for a block: a boundary revealed in it ends its row there."""
-    return close_documents(torch.cat([x[:, :lo], region], 1), tokens)[:, lo:]
 
 
 def cached_network(model, cache: KVCache) -> Network:

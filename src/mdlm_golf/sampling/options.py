@@ -80,10 +80,12 @@ def initial_canvas(opts: SampleOptions, tokens: Tokens) -> torch.Tensor:
     return torch.tensor(row, dtype=torch.long).repeat(opts.num, 1)
 
 
-def close_documents(x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-    """PAD from the first BOS or EOS after position 0 of each row on: the next document starts there."""
+def close_documents(x: torch.Tensor, tokens: Tokens, opening: bool = True) -> torch.Tensor:
+    """PAD from the first BOS or EOS of each row on (after position 0 when column 0 is the row's
+    `opening` BOS; a later block of the row has none): the next document starts there."""
     boundary = (x == BOS_ID) | (x == EOS_ID)
-    boundary[:, 0] = False
+    if opening:
+        boundary[:, 0] = False
     return torch.where(boundary.cumsum(1) > 0, torch.full_like(x, tokens.pad), x)
 
 
