@@ -115,6 +115,21 @@ def test_block_diffusion_under_torchrun_matches_one_process(data_dir, tmp_path):
     assert "x2 positions and keys: block diffusion" in (tmp_path / "B2" / "train.log").read_text()
 
 
+def test_ar_with_muon_under_torchrun_matches_one_process(data_dir, tmp_path):
+    """The AR yardstick and Muon's orthogonalized update (on the all-reduced gradient) under DDP: the
+    same losses and the same exact chain-rule eval as one process with the same global batch."""
+    flags = ["--preset", "tiny", "--steps", "3", "--log-every", "1", "--objective", "ar", "--optimizer", "muon",
+             "--global-batch-rows", "8", "--batch-rows", "4", "--eval-num-seqs", "4"]
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "A1"), *flags]) == 0
+    run(["train", "--data", str(data_dir), "--out", str(tmp_path / "A2"), *flags], tmp_path, torchrun=True)
+    one, two = records(tmp_path / "A1"), records(tmp_path / "A2")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    eval1, eval2 = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("A1", "A2"))
+    assert set(eval1) == set(eval2) == {"ar"}
+    assert eval2["ar"]["bits"] == pytest.approx(eval1["ar"]["bits"], rel=1e-6)
+    assert (eval2["ar"]["tokens"], eval2["ar"]["bytes"]) == (eval1["ar"]["tokens"], eval1["ar"]["bytes"])
+
+
 # ---------------------------------------------------------------- evaluation
 
 def test_distributed_eval_equals_single_process_eval(runs, data_dir):
