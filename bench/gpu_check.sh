@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Device check on one CUDA card, under 9 minutes in all: bench/speed.py (issue 6) on the reference
 # configuration, then the race (issue 11): the record preset's MDLM recipe against AR at equal
-# wall-clock on the shared corpus.
+# wall-clock on the shared corpus, and the same recipe as block diffusion in blocks of 16 (issue 14:
+# its FlexAttention block mask, compiled, on the card).
 #
 #   bash bench/gpu_check.sh          # JSON and logs go to $OUT when set, else to a temporary folder
 #
 # The race needs the shared corpus inside the checkout (../shared does not travel to the device):
 #   mkdir -p .gpu_data && cp ../shared/data/docs_selected.jsonl ../shared/data/tokenizers/fineweb_1024_bpe.model .gpu_data/
-# and `carry: [".gpu_data"]` (.gpu_data/ is git-ignored). RACE_SECONDS (default 75) is each recipe's
+# and `carry: [".gpu_data"]` (.gpu_data/ is git-ignored). RACE_SECONDS (default 50) is each recipe's
 # training budget; RACE_ARGS adds flags to the race (RACE_ARGS="--preset tiny" tries it on a CPU).
 #
 # Runs, each under its own timeout and all under one deadline:
@@ -17,7 +18,7 @@
 # then prints one table comparing them. bench/speed.py writes its JSON after training and again
 # after evaluation, so a run cut short by its timeout still leaves its training figures.
 # The package is used from src/ (PYTHONPATH): the device image has torch, numpy, sentencepiece and
-# tqdm but no package index, so nothing is installed. GPU_CHECK_SECONDS (default 285) is the
+# tqdm but no package index, so nothing is installed. GPU_CHECK_SECONDS (default 170) is the
 # deadline; GPU_CHECK_ARGS adds flags to every run (GPU_CHECK_ARGS="--tiny --device cpu" tries the
 # script on a CPU).
 set -euo pipefail
@@ -26,7 +27,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 RESULTS=${OUT:-$(mktemp -d)}
 mkdir -p "$RESULTS"
-DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-200}))
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-170}))
 
 timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader \
   || echo "nvidia-smi: not available"
@@ -93,16 +94,16 @@ for row in [cols, ["-" * w for w in widths], *rows]:
     print(" | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
 EOF
 
-# the race: best MDLM recipe (the record preset) vs AR, equal wall-clock, on the shared corpus
+# the race: best MDLM recipe (the record preset) vs AR vs blocks of 16, equal wall-clock, on the shared corpus
 DOCS=${GPU_DATA:-.gpu_data}
 if [[ -f $DOCS/docs_selected.jsonl && -f $DOCS/fineweb_1024_bpe.model ]]; then
-  RACE_SECONDS=${RACE_SECONDS:-75}
-  echo "== race: record preset vs AR, ${RACE_SECONDS}s of training each (compile and eval off the clock)"
+  RACE_SECONDS=${RACE_SECONDS:-50}
+  echo "== race: record preset vs AR vs blocks of 16, ${RACE_SECONDS}s of training each (compile and eval off the clock)"
   rc=0
-  timeout -k 5 420 bash -c '
+  timeout -k 5 360 bash -c '
     "$0" -m mdlm_golf prepare --docs "$1/docs_selected.jsonl" --tokenizer "$1/fineweb_1024_bpe.model" \
       --val-docs 500 --out "$2/race_data" >/dev/null &&
-    "$0" -m mdlm_golf race --data "$2/race_data" --out "$2/race" --preset record --recipe record: --recipe ar:objective=ar \
+    "$0" -m mdlm_golf race --data "$2/race_data" --out "$2/race" --preset record --recipe record: --recipe ar:objective=ar --recipe block16:block_size=16 \
       --seeds 1 --max-wallclock "$3" --val-every 250 --eval-num-seqs 64 --elbo-steps 64 \
       --compile true $4' "$PY" "$DOCS" "$RESULTS" "$RACE_SECONDS" "${RACE_ARGS:-}" \
     >"$RESULTS/race.log" 2>&1 || rc=$?
