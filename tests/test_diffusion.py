@@ -20,6 +20,7 @@ from mdlm_golf.diffusion import (
     maskable_positions,
     masked_nll,
     sigma,
+    stratified_times,
     subs_log_probs,
 )
 
@@ -163,6 +164,37 @@ def test_antithetic_times_are_uniform():
     t = antithetic_times(20_000, torch.Generator().manual_seed(0))
     counts = torch.histc(t, bins=10, min=0.0, max=1.0)
     assert torch.all((counts - 2000).abs() < 200)  # ~4.7 binomial SDs
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 64])
+def test_stratified_times_put_one_time_in_each_stratum(n):
+    t = stratified_times(n, torch.Generator().manual_seed(4))
+    assert t.shape == (n,)
+    strata = torch.floor(t * n).long()
+    assert torch.equal(strata, torch.arange(n))  # row i in [i/n, (i+1)/n)
+    torch.testing.assert_close(t - torch.arange(n) / n, torch.full((n,), float(t[0])), rtol=0, atol=1e-6)
+    assert not torch.equal(t, stratified_times(n, torch.Generator().manual_seed(5)))
+
+
+def test_stratified_times_are_uniform_over_draws():
+    """Each row's time is uniform over the draws (so the ELBO estimate stays unbiased)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.stack([stratified_times(4, g) for _ in range(4000)]).flatten()
+    counts = torch.histc(t, bins=8, min=0.0, max=1.0)
+    assert torch.all((counts - 2000).abs() < 200)
+
+
+def test_every_time_sampling_in_the_config_has_a_sampler():
+    from mdlm_golf.config import TIME_SAMPLINGS
+
+    assert set(diffusion.TIME_SAMPLERS) == set(TIME_SAMPLINGS)
+    from mdlm_golf.config import build_config
+    from mdlm_golf.train.loop import step_noise
+
+    cfg = build_config("tiny", environ={}, overrides={"time_sampling": "stratified"})
+    noise = step_noise(cfg, step=3, world_size=2, device=torch.device("cpu"))  # the trainer's draws
+    rows = cfg.batch_rows * cfg.grad_accum * 2
+    assert torch.equal(torch.floor(noise.t * rows).long(), torch.arange(rows))
 
 
 # ---------------------------------------------------------------- masking

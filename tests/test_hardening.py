@@ -162,6 +162,17 @@ def test_resume_refuses_a_changed_config_json(finished_run, data_dir, tmp_path, 
     assert read_checkpoint(run / "model.pt")["step"] == 3
 
 
+def test_a_run_from_before_a_new_config_field_still_resumes(finished_run, data_dir, tmp_path):
+    """Fields added later (time_sampling) take their default, the behaviour that run had: its
+    config.json without them agrees with the checkpoint."""
+    run = copy_of(finished_run, tmp_path / "R")
+    config = json.loads((run / "config.json").read_text())
+    assert config.pop("time_sampling") == "antithetic"
+    (run / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run), "--data", str(data_dir), "--steps", "3", "--no-eval"]) == 0
+    assert read_checkpoint(run / "model.pt")["step"] == 3
+
+
 def test_run_files_are_what_a_run_writes(finished_run):
     assert {"model.pt", "checkpoint.pt", "config.json", "metrics.jsonl", "train.log"} <= set(RUN_FILES)
     assert {p.name for p in finished_run.iterdir()} <= set(RUN_FILES)

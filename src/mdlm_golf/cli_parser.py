@@ -13,6 +13,7 @@ from .config import (MAX_SEED, MAX_VOCAB, PRESETS, check_field, describe_range, 
 from .data import MIN_VOCAB
 from .diffusion import GRIDS
 from .eval import ORDERS
+from .experiments import RECIPES
 
 DEFAULT_EVAL_PASSES = 128
 DEFAULT_CODER_PASSES = 64
@@ -161,8 +162,7 @@ def add_race(sub: Subparsers) -> argparse.ArgumentParser:
     """race: recipes against each other at equal tokens."""
     p = sub.add_parser("race", help="several recipes, AR included, at equal tokens: table and bpb curves")
     p.add_argument("--recipes", default=None,
-                   help="comma-separated built-in recipes (default: all of them: today, ar, muon, "
-                        "no-time-cond, ema, anchor, best)")
+                   help=f"comma-separated built-in recipes (default: all of them: {', '.join(RECIPES)})")
     p.add_argument("--recipe", action="append", metavar="NAME:FIELD=VALUE,...",
                    help="a recipe of your own (repeatable), e.g. wide:model_dim=192,num_heads=3")
     p.add_argument("--seeds", default="1,2", help="comma-separated seeds (default 1,2)")

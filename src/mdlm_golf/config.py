@@ -40,6 +40,8 @@ LAYOUTS = ("docs", "packed", "stream")
 OBJECTIVES = ("mdlm", "ar")
 # muon: Newton-Schulz-orthogonalized momentum for the 2-D hidden matrices, AdamW for the rest
 OPTIMIZERS = ("adamw", "muon")
+# antithetic: pairs (u, 1 - u); stratified: one time in each of the batch's n strata of [0, 1)
+TIME_SAMPLINGS = ("antithetic", "stratified")
 
 
 MAX_VOCAB = 65535 - 2  # shards hold uint16 ids, and MASK and PAD take the two ids after the vocabulary
@@ -120,6 +122,7 @@ class Config:
     noise_eps: float = 1e-3
     layout: str = "packed"  # one of LAYOUTS
     anchor_mask_prob: float = 0.0
+    time_sampling: str = "antithetic"  # one of TIME_SAMPLINGS: how a batch's diffusion times are drawn
     # block diffusion (BD3-LM): rows are cut into blocks of block_size tokens, each denoised given the
     # clean blocks before it; 0 = one block per row (the plain MDLM), 1 = autoregressive code lengths
     block_size: int = 0
@@ -144,7 +147,8 @@ class Config:
         """Every field's type and range, one ValueError naming the field and what it accepts."""
         for f in fields(self):
             check_field(f.name, getattr(self, f.name), type(f.default))
-        for name, choices in (("layout", LAYOUTS), ("objective", OBJECTIVES), ("optimizer", OPTIMIZERS)):
+        for name, choices in (("layout", LAYOUTS), ("objective", OBJECTIVES), ("optimizer", OPTIMIZERS),
+                              ("time_sampling", TIME_SAMPLINGS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
@@ -273,6 +277,12 @@ def build_config(preset: str | None = None, environ: Mapping[str, str] | None = 
     values.update(env_overrides(os.environ if environ is None else environ))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return Config(**values)
+
+
+def with_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config's fields, with the default for each field added since it was written (the
+    default is the behaviour that run had), so old runs compare equal to their rebuilt Config."""
+    return {**{f.name: f.default for f in fields(Config)}, **values}
 
 
 def config_from_dict(values: Mapping[str, Any], source: str) -> Config:

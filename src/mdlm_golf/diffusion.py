@@ -42,6 +42,16 @@ def antithetic_times(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([u, 1.0 - u])[:n]
 
 
+def stratified_times(n: int, generator: torch.Generator) -> torch.Tensor:
+    """n times in [0, 1), one in each stratum [i/n, (i+1)/n) from a single shared offset (MDLM's
+    low-discrepancy sampler): the batch covers the whole t range every step, whatever its draws."""
+    u = torch.rand(1, generator=generator, device=generator.device)
+    return (u + torch.arange(n, device=generator.device)) / n
+
+
+TIME_SAMPLERS = {"antithetic": antithetic_times, "stratified": stratified_times}
+
+
 # ---------------------------------------------------------------- masking
 
 Uniforms = torch.Tensor | torch.Generator  # pre-drawn uniforms, or a generator to draw them from
@@ -58,7 +68,7 @@ def uniforms(shape: torch.Size, source: Uniforms | None, device: torch.device) -
 class Noise:
     """Every random draw of one training batch, so a row's noise never depends on how rows are split."""
 
-    t: torch.Tensor  # [B] diffusion times (antithetic pairs)
+    t: torch.Tensor  # [B] diffusion times (antithetic pairs or strata)
     mask_u: torch.Tensor  # [B, L] position is masked iff mask_u < 1 - alpha(t)
     anchor_u: torch.Tensor  # [B, L] a BOS anchor is maskable iff anchor_u < anchor_mask_prob
 
@@ -66,10 +76,11 @@ class Noise:
         return Noise(self.t[index], self.mask_u[index], self.anchor_u[index])
 
 
-def draw_noise(rows: int, seq_len: int, generator: torch.Generator) -> Noise:
-    """All draws of a batch, on the generator's device (a CUDA generator keeps the GPU from waiting)."""
+def draw_noise(rows: int, seq_len: int, generator: torch.Generator, time_sampling: str = "antithetic") -> Noise:
+    """All draws of a batch, on the generator's device (a CUDA generator keeps the GPU from waiting);
+    time_sampling names one of TIME_SAMPLERS."""
     device = generator.device
-    return Noise(antithetic_times(rows, generator), torch.rand(rows, seq_len, generator=generator, device=device),
+    return Noise(TIME_SAMPLERS[time_sampling](rows, generator), torch.rand(rows, seq_len, generator=generator, device=device),
                  torch.rand(rows, seq_len, generator=generator, device=device))
 
 

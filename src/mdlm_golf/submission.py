@@ -269,9 +269,12 @@ def model_description(config: dict) -> str:
         return ("An autoregressive transformer (RoPE, QK-norm, ReLU^2 MLP, causal attention) trained with "
                 "next-token cross-entropy")
     conditioning = " and adaLN conditioning on the noise level" if config.get("time_cond", True) else ""
+    block = config.get("block_size", 0)
+    blocks = (f", as block diffusion: blocks of {block} tokens, each denoised given the clean blocks before it"
+              if 0 < block < config.get("seq_len", block + 1) else "")
     return (f"A masked diffusion language model (MDLM): bidirectional transformer with RoPE, QK-norm, ReLU^2 "
             f"MLP{conditioning}, trained with the continuous-time MDLM ELBO (log-linear schedule, SUBS "
-            f"parameterization, antithetic times)")
+            f"parameterization, {config.get('time_sampling', 'antithetic')} times){blocks}")
 
 
 def record_readme(info: dict, config: dict, results: dict) -> str:

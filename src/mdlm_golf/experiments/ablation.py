@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..checkpoint import load_model, run_checkpoint
-from ..config import Config, field_types, parse_value
+from ..config import Config, field_types, parse_value, with_defaults
 from ..data import ByteTable, load_split, load_tokenizer
 from ..eval import evaluate, headline
 from ..files import atomic_path, write_text_atomic
@@ -77,7 +77,7 @@ def check_reusable(run: Run) -> bool:
     """True when the run finished before with this very config; an error when it was made with another."""
     if not ((run.run_dir / "eval.json").is_file() and (run.run_dir / SUMMARY_NAME).is_file()):
         return False
-    saved = json.loads((run.run_dir / "config.json").read_text())
+    saved = with_defaults(json.loads((run.run_dir / "config.json").read_text()))
     changed = {k: (saved.get(k), v) for k, v in run.cfg.for_world(1).to_dict().items() if saved.get(k) != v}
     if changed:
         diffs = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(changed.items()))

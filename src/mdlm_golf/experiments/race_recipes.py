@@ -25,7 +25,7 @@ from ..files import atomic_path, write_text_atomic
 # the levers that helped combined. Each names every recipe field, so presets that carry a recipe (demo,
 # record) change only the shape, never what "today" or a lever means.
 TODAY = {"objective": "mdlm", "optimizer": "adamw", "time_cond": "true", "ema": "0.0", "anchor_mask_prob": "0.0",
-         "block_size": "0"}
+         "block_size": "0", "time_sampling": "antithetic"}
 BEST = {k: str(v) for k, v in BEST_RECIPE.items()}
 LEVERS: dict[str, dict[str, str]] = {
     "ar": {"objective": "ar"},
@@ -33,6 +33,7 @@ LEVERS: dict[str, dict[str, str]] = {
     "no-time-cond": {"time_cond": "false"},
     "ema": {"ema": "0.99"},
     "anchor": {"anchor_mask_prob": "1.0"},
+    "stratified": {"time_sampling": "stratified"},
     # the levers that helped alone on tuning slices (bench/race_tune.py; BENCHMARKS.md), combined
     "best": BEST,
     # block diffusion on top of the best recipe (issue 14): blocks of 4, 16, 64 tokens

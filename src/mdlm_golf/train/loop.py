@@ -107,7 +107,7 @@ def step_noise(cfg: Config, step: int, world_size: int, device: torch.device) ->
     the training device: every split of the batch over ranks and micro-steps sees the same draws,
     resuming needs no generator state, and the GPU never waits for a host-to-device copy."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-    return draw_noise(cfg.batch_rows * cfg.grad_accum * world_size, cfg.seq_len, generator)
+    return draw_noise(cfg.batch_rows * cfg.grad_accum * world_size, cfg.seq_len, generator, cfg.time_sampling)
 
 
 def global_row_ids(micro: int, rows: int, rank: int, world_size: int) -> torch.Tensor:

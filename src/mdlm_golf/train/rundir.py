@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from ..config import Config, config_from_dict
+from ..config import Config, config_from_dict, with_defaults
 from ..data import ShardedLoader
 from ..files import read_json_object
 from ..model import MDLM
@@ -57,6 +57,7 @@ def check_saved_config(run_dir: Path, cfg: Config) -> None:
     saved = read_json_object(path, CheckpointError)
     if saved is None:
         return
+    saved = with_defaults(saved)
     # grad_accum follows the process count when global_batch_rows fixes the batch
     free = RESUMABLE_FIELDS | ({"grad_accum"} if cfg.global_batch_rows else set())
     ours = cfg.to_dict()
