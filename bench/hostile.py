@@ -476,13 +476,18 @@ def no_tokens(data: bytes) -> bytes:
     return header_word(2, 0)(data[:SHARD_HEADER_BYTES])
 
 
-def manifest(fn: Callable[[dict], str]) -> Setup:
-    """Copy D and rewrite its manifest.json as fn(manifest)."""
+def rewrite_json(folder: str, name: str, fn: Callable[[dict], str]) -> Setup:
+    """Copy the base folder and rewrite its JSON file `name` as fn(parsed)."""
     def run(ctx: Ctx, c: Path) -> None:
-        copy("D")(ctx, c)
-        path = c / "D" / "manifest.json"
+        copy(folder)(ctx, c)
+        path = c / folder / name
         path.write_text(fn(json.loads(path.read_text())))
     return run
+
+
+def manifest(fn: Callable[[dict], str]) -> Setup:
+    """Copy D and rewrite its manifest.json as fn(manifest)."""
+    return rewrite_json("D", "manifest.json", fn)
 
 
 # checkpoints: my own seal (sha256 in the zip comment), so crafted files pass the checksum and reach the loader
@@ -541,11 +546,8 @@ def run_file(rel: str, fn: Callable[[bytes], bytes]) -> Setup:
 
 
 def config_json(fn: Callable[[dict], str]) -> Setup:
-    def run(ctx: Ctx, c: Path) -> None:
-        copy("R")(ctx, c)
-        path = c / "R" / "config.json"
-        path.write_text(fn(json.loads(path.read_text())))
-    return run
+    """Copy R and rewrite its config.json as fn(config)."""
+    return rewrite_json("R", "config.json", fn)
 
 
 # artifacts: header | metadata JSON | payload | CRC-32; crafted ones are re-sealed so they pass the CRC
