@@ -18,6 +18,7 @@ import mdlm_golf.train.loop
 from mdlm_golf.checkpoint import read_checkpoint
 from mdlm_golf.cli import main
 from mdlm_golf.config import RANGES, Config, build_config, describe_range
+from mdlm_golf.console import main as console_main
 from mdlm_golf.data import DataError, load_split, prepare, shard_paths
 from mdlm_golf.data.shards import write_shard
 from mdlm_golf.train.loop import train
@@ -146,6 +147,57 @@ def test_train_overwrite_replaces_the_run(finished_run, data_dir, tmp_path):
     assert (run / "train.log").read_text().count("stopped at step") == 1
 
 
+def bad_magic_train_shards(data_dir: Path, dest: Path) -> Path:
+    """A copy of the data folder whose train shards all have a bad magic word."""
+    bad = copy_of(data_dir, dest)
+    for shard in bad.glob("fineweb_train_*.bin"):
+        raw = bytearray(shard.read_bytes())
+        raw[:4] = (1).to_bytes(4, "little")
+        shard.write_bytes(bytes(raw))
+    return bad
+
+
+@pytest.mark.parametrize("case", ["missing data", "missing tokenizer", "corrupt train shards"])
+def test_train_overwrite_with_bad_input_keeps_the_old_run(case, finished_run, data_dir, tmp_path, capsys):
+    """--overwrite deletes the old run only once the data and tokenizer open: bad input costs nothing."""
+    run = copy_of(finished_run, tmp_path / "R")
+    data, extra, named = str(data_dir), [], ""
+    if case == "missing data":
+        data = named = str(tmp_path / "nodata")
+    elif case == "missing tokenizer":
+        extra, named = ["--tokenizer", str(tmp_path / "nope.model")], str(tmp_path / "nope.model")
+    else:
+        data = str(bad_magic_train_shards(data_dir, tmp_path / "D"))
+        named = str(Path(data) / "fineweb_train_")
+    before = files_of(run)
+    capsys.readouterr()
+    assert main(["train", "--data", data, "--out", str(run), *TINY, "--steps", "2", "--no-eval",
+                 "--overwrite", *extra]) == 2
+    assert named in one_line_error(capsys, "train")
+    assert files_of(run) == before
+
+
+@pytest.mark.parametrize("case", ["missing docs", "missing tokenizer", "bad line late in the docs"])
+def test_prepare_overwrite_with_bad_input_keeps_the_old_shards(case, data_dir, tmp_path, capsys):
+    """prepare --overwrite clears the old shards only once the docs and tokenizer have been read."""
+    out = copy_of(data_dir, tmp_path / "D")
+    docs, tokenizer = data_dir.parent / "docs.jsonl", json.loads((out / "manifest.json").read_text())["tokenizer"]
+    if case == "missing docs":
+        docs = named = tmp_path / "nope.jsonl"
+    elif case == "missing tokenizer":
+        tokenizer = named = tmp_path / "nope.model"
+    else:
+        named = tmp_path / "docs.jsonl"
+        named.write_bytes(docs.read_bytes() + b"not json\n")
+        docs = named
+    before = files_of(out)
+    capsys.readouterr()
+    assert main(["prepare", "--docs", str(docs), "--tokenizer", str(tokenizer), "--out", str(out),
+                 "--val-docs", "10", "--overwrite"]) == 2
+    assert str(named) in one_line_error(capsys, "prepare")
+    assert files_of(out) == before
+
+
 def test_resume_refuses_a_changed_config_json(finished_run, data_dir, tmp_path, capsys):
     run = copy_of(finished_run, tmp_path / "R")
     config = json.loads((run / "config.json").read_text())
@@ -171,6 +223,17 @@ def test_a_run_from_before_a_new_config_field_still_resumes(finished_run, data_d
     (run / "config.json").write_text(json.dumps(config))
     assert main(["train", "--resume", str(run), "--data", str(data_dir), "--steps", "3", "--no-eval"]) == 0
     assert read_checkpoint(run / "model.pt")["step"] == 3
+
+
+def test_resume_refuses_fewer_steps_than_done_and_a_second_out(finished_run, data_dir, tmp_path, capsys):
+    run = copy_of(finished_run, tmp_path / "R")
+    before = files_of(run)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--data", str(data_dir), "--steps", "1", "--no-eval"]) == 2
+    assert "saved at step 2; --steps 1 is fewer" in one_line_error(capsys, "train")
+    assert main(["train", "--resume", str(run), "--out", str(tmp_path / "R2"), "--data", str(data_dir)]) == 2
+    assert "pass one of them" in one_line_error(capsys, "train")
+    assert files_of(run) == before and not (tmp_path / "R2").exists()
 
 
 def test_run_files_are_what_a_run_writes(finished_run):
@@ -223,6 +286,16 @@ def test_a_stale_shard_beside_the_manifest_is_ignored(data_dir, tmp_path, capsys
     assert str(data / listed[1]) in str(err.value) and "\n" not in str(err.value)
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "R"), *TINY, "--steps", "1"]) == 2
     assert str(data / listed[1]) in one_line_error(capsys, "train")
+
+
+def test_shards_changed_after_prepare_are_refused(data_dir, tmp_path, capsys):
+    """A val shard rewritten after prepare (valid, but not what the manifest recorded) is not scored."""
+    data = copy_of(data_dir, tmp_path / "D")
+    val = shard_paths(data, "val")[0]
+    write_shard(val, np.full(100, 5, dtype=np.uint16))
+    with pytest.raises(DataError) as err:
+        load_split(data, "val", 1024)
+    assert str(data / "manifest.json") in str(err.value) and "its shards hold 100;" in str(err.value)
 
 
 @pytest.mark.parametrize("text, named", [("{not json", "not a JSON manifest"),
@@ -301,6 +374,22 @@ def test_keyboard_interrupt_in_a_command_exits_130(monkeypatch, tmp_path, capsys
     monkeypatch.setattr(mdlm_golf.cli, "prepare", interrupted)
     assert main(["prepare", "--docs", "d", "--out", str(tmp_path / "D")]) == 130
     assert capsys.readouterr().err == "mdlm-golf prepare: interrupted\n"
+
+
+def test_ctrl_c_while_the_command_starts_up_is_one_line(capsys):
+    """SIGINT during the CLI's imports (torch) is held back, then reported as an interrupt, exit 130."""
+    def import_then_ctrl_c(name, *args, **kwargs):
+        if name == "cli":  # console imports `from .cli import main`: interrupt in the middle of it
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_import(name, *args, **kwargs)
+
+    real_import = __builtins__["__import__"] if isinstance(__builtins__, dict) else __builtins__.__import__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("builtins.__import__", import_then_ctrl_c)
+        code = console_main(["train", "--data", "D", "--out", "R"])
+    assert code == 130
+    assert capsys.readouterr().err == "mdlm-golf train: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for the command
 
 
 def interrupt_at(monkeypatch, step: int, times: int) -> None:

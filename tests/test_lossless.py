@@ -186,6 +186,12 @@ def test_cli_round_trips_any_file_and_reports_on_stderr(tmp_path, cfg, capsys):
     assert captured.out == "" and f"({bits:.4f} bits/byte" in captured.err and "escaped" in captured.err
     assert cli.main(["decompress", "--run", str(run), str(packed), str(out)]) == 0
     assert out.read_bytes() == data and capsys.readouterr().out == ""
+    src.write_bytes(b"")  # an empty file round-trips and reports no rate (not "inf bits/byte")
+    assert cli.main(["compress", "--run", str(run), str(src), str(packed)]) == 0
+    assert "empty input: no bits/byte" in capsys.readouterr().err
+    assert cli.main(["decompress", "--run", str(run), str(packed), str(out)]) == 0
+    assert out.read_bytes() == b""
+    capsys.readouterr()
     assert cli.main(["compress", "--run", str(run), str(tmp_path / "missing.txt"), str(packed)]) == 2
     error = capsys.readouterr().err.strip()
     assert "missing.txt: cannot read" in error and "\n" not in error

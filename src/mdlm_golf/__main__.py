@@ -1,6 +1,6 @@
 """`python -m mdlm_golf`: the mdlm-golf command line."""
 import sys
 
-from .cli import main
+from .console import main
 
 sys.exit(main())

@@ -28,7 +28,7 @@ from .experiments import RECIPES, ablate, parse_recipe, race
 from .files import write_bytes_atomic, write_text_atomic
 from .sampling import decode_rows, generate
 from .submission import script_bytes, write_submission
-from .train import claim_run_dir, resume_config, train
+from .train import check_run_dir, resume_config, train
 
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp\d+$")  # files.atomic_path's temporary of NAME
 
@@ -67,17 +67,20 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """mdlm-golf train: a new run (--out) or a resumed one (--resume)."""
+    if args.resume and args.out:
+        raise ValueError(f"--resume {args.resume} continues that run in place and --out {args.out} starts "
+                         f"a new one: pass one of them")
     if args.resume:
         run_dir = Path(args.resume)
         cfg = resume_config(run_dir, config_overrides(args))
     elif args.out:
         run_dir = Path(args.out)
         cfg = build_config(args.preset, overrides=config_overrides(args))
-        claim_run_dir(run_dir, args.overwrite)  # after the config checks: a bad flag deletes nothing
+        check_run_dir(run_dir, args.overwrite)
     else:
         raise ValueError("train needs --out RUN (a new run) or --resume RUN")
     train(cfg, Path(args.data), run_dir, tokenizer_for(Path(args.data), args.tokenizer),
-          run_eval=not args.no_eval, resume=bool(args.resume))
+          run_eval=not args.no_eval, resume=bool(args.resume), replace=args.overwrite)
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -142,9 +145,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     model, cfg, sp = coder_model(args)
     info = compress_file(model, cfg, sp, data, Path(args.output), order=args.order, mode=args.mode,
                          **planned_schedule(args, DEFAULT_CODER_PASSES))
+    rate = f"{info['bits_per_byte']:.4f} bits/byte" if info["input_bytes"] else "empty input: no bits/byte"
     print(f"{args.input}: {info['input_bytes']:,} bytes ({info['escaped_bytes']:,} escaped), "
           f"{info['tokens']:,} tokens -> {args.output}: {info['file_bytes']:,} bytes "
-          f"({info['bits_per_byte']:.4f} bits/byte, header {info['header_bytes']} bytes, "
+          f"({rate}, header {info['header_bytes']} bytes, "
           f"escape section {info['escape_section_bytes']} bytes)", file=sys.stderr)
 
 

@@ -13,7 +13,7 @@ from typing import Iterator
 from .config import build_config
 from .files import write_text_atomic
 from .data import prepare, read_manifest
-from .train import claim_run_dir, train
+from .train import train
 
 MIN_DOC_CHARS = 80
 VAL_DOCS = 400  # shorter docstrings ("Return x.") teach little and bloat the BOS count
@@ -74,8 +74,8 @@ def run_demo(out: Path, steps: int | None = None, **overrides) -> dict:
         # no manifest: an interrupted prepare left the folder, if anything
         manifest = prepare(corpus, data_dir, None, vocab_size=1024, val_docs=VAL_DOCS, overwrite=True)
     cfg = build_config("demo", environ={}, overrides={"steps": steps, **overrides})
-    claim_run_dir(out / "run", overwrite=True)  # the demo's own run: a rerun replaces it
-    summary = train(cfg, data_dir, out / "run", Path(manifest["tokenizer"]))
+    # the demo's own run: a rerun replaces it
+    summary = train(cfg, data_dir, out / "run", Path(manifest["tokenizer"]), replace=True)
     strict, anchored = summary["eval"]["strict"], summary["eval"]["anchored"]
     losses = summary["losses"]
     lines = [

@@ -87,16 +87,18 @@ class ShardWriter:
         self.pending_tokens = rest.size
 
 
-def clear_data_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a folder that holds anything, unless overwrite: then its manifest and old shards go first."""
-    if not out_dir.is_dir():
-        return  # absent: prepare makes it (a file in the way fails there, naming it)
-    if overwrite:
-        for path in [out_dir / MANIFEST_NAME, *sorted(out_dir.glob("fineweb_*.bin"))]:  # manifest first
-            path.unlink(missing_ok=True)
-    elif any(out_dir.iterdir()):
+def check_data_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds anything, unless overwrite (clear_old_shards then empties it, but only
+    once the docs and tokenizer have been read, so bad input never costs the old shards)."""
+    if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
         raise DataError(f"{out_dir}: not empty; prepare into a new or empty folder, or pass --overwrite "
                         f"to replace its shards and manifest")
+
+
+def clear_old_shards(out_dir: Path) -> None:
+    """Remove the manifest and old shards (manifest first: a folder with a manifest has all its shards)."""
+    for path in [out_dir / MANIFEST_NAME, *sorted(out_dir.glob("fineweb_*.bin"))]:
+        path.unlink(missing_ok=True)
 
 
 def check_prepare_args(docs_path: Path, vocab_size: int, val_docs: int, shard_tokens: int) -> None:
@@ -131,12 +133,13 @@ def prepare(docs_path: Path, out_dir: Path, tokenizer_path: Path | None = None,
     a cleared) folder; returns the manifest."""
     check_prepare_args(docs_path, vocab_size, val_docs, shard_tokens)
     out_dir = Path(out_dir)
-    clear_data_dir(out_dir, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_data_dir(out_dir, overwrite)
     texts = list(iter_docs(docs_path))
     if len(texts) <= val_docs:
         raise DataError(f"{docs_path}: {len(texts)} documents, need more than --val-docs {val_docs}")
+    out_dir.mkdir(parents=True, exist_ok=True)  # a file in the way fails here, naming it
     sp, tokenizer_path = corpus_tokenizer(texts, docs_path, out_dir, tokenizer_path, vocab_size)
+    clear_old_shards(out_dir)  # every input read: only now may the old shards go
     writers = {"val": ShardWriter(out_dir, "val", shard_tokens),
                "train": ShardWriter(out_dir, "train", shard_tokens)}
     for i, doc in enumerate(tokenize_docs(sp, texts)):

@@ -122,12 +122,23 @@ def load_split(data_dir: Path, split: str, vocab_size: int) -> np.ndarray:
     counts = [read_shard_header(p) for p in paths]
     if not sum(counts):
         raise DataError(f"{paths[0] if len(paths) == 1 else data_dir}: the {split} split holds no tokens")
+    check_manifest_tokens(data_dir, split, sum(counts))
     tokens = np.empty(sum(counts), dtype=np.uint16)
     offset = 0
     for path, count in zip(paths, counts):
         read_shard(path, vocab_size, out=tokens[offset:offset + count])
         offset += count
     return tokens
+
+
+def check_manifest_tokens(data_dir: Path, split: str, tokens: int) -> None:
+    """The split's shard headers must add up to the token count the manifest recorded (where it has one):
+    a shard swapped or rewritten after prepare would otherwise be scored silently."""
+    manifest = read_manifest(data_dir) or {}
+    recorded = manifest.get(split, {}).get("tokens") if isinstance(manifest.get(split), dict) else None
+    if isinstance(recorded, int) and recorded != tokens:
+        raise DataError(f"{Path(data_dir) / MANIFEST_NAME}: records {recorded:,} {split} tokens but its "
+                        f"shards hold {tokens:,}; the folder changed after prepare (prepare it again)")
 
 
 def resolve_shards(shards: str | Path | Sequence[str | Path]) -> tuple[list[Path], str]:

@@ -24,18 +24,19 @@ from ..model import MDLM
 from ..objective import Objective, scored_count
 from .control import Due, RunControl, Stop, StopSignal, TrainClock
 from .optim import Optimizers, WeightEMA, build_optimizer, lr_factor
-from .rundir import CHECKPOINT_NAME, restore_training_state, save_training_state
+from .rundir import CHECKPOINT_NAME, clear_run_dir, restore_training_state, save_training_state
 from .runlog import RunLog, StepMeter, describe_run
 
 
 def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, run_eval: bool = True,
-          resume: bool = False, device: torch.device | None = None,
+          resume: bool = False, replace: bool = False, device: torch.device | None = None,
           echo: Callable[[str], None] = print) -> dict:
-    """Train on DIR's train shards (one process or torchrun), save RUN/model.pt, evaluate."""
+    """Train on DIR's train shards (one process or torchrun), save RUN/model.pt, evaluate.
+    replace: an old run in RUN is cleared, once the data, tokenizer and model are ready."""
     env = init_distributed(device)
     cfg = cfg.for_world(env.world_size)
-    run = open_run(cfg, env, data_dir, Path(out_dir), tokenizer_path, resume=resume, run_eval=run_eval,
-                   echo=echo)
+    run = open_run(cfg, env, data_dir, Path(out_dir), tokenizer_path, resume=resume, replace=replace,
+                   run_eval=run_eval, echo=echo)
     model, optimizer, ema, loader, log = run.model, run.optimizer, run.ema, run.loader, run.log
     if cfg.compile:
         log.line(f"compile: warm-up took {warm_up(run.objective, model, cfg, env):.1f}s "
@@ -202,7 +203,7 @@ class Run:
 
 
 def open_run(cfg: Config, env: DistEnv, data_dir: Path, out_dir: Path, tokenizer_path: Path, *,
-             resume: bool, run_eval: bool, echo: Callable[[str], None]) -> Run:
+             resume: bool, replace: bool, run_eval: bool, echo: Callable[[str], None]) -> Run:
     """Data, model, optimizer, EMA, objective (restored from RUN/checkpoint.pt on resume); the log begun."""
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +223,8 @@ def open_run(cfg: Config, env: DistEnv, data_dir: Path, out_dir: Path, tokenizer
         step, seconds = restore_training_state(state, out_dir / CHECKPOINT_NAME, cfg, env.world_size, model,
                                                optimizer, ema, loader)
     objective = build_objective(model, cfg, env)
+    if replace and env.is_main:  # every input opened without error: only now may the old run go
+        clear_run_dir(out_dir)
     log = RunLog(out_dir, cfg.steps, echo, enabled=env.is_main)
     if env.is_main:
         cfg.save(out_dir / "config.json")

@@ -21,15 +21,19 @@ RESUMABLE_FIELDS = {"steps", "max_wallclock", "log_every", "checkpoint_every", "
 RUN_FILES = ("model.pt", CHECKPOINT_NAME, "config.json", "metrics.jsonl", "train.log", "eval.json")
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to start a new run in a folder that holds one, unless overwrite: then its files go first
-    (so metrics.jsonl and train.log start empty rather than appended to)."""
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds one, unless overwrite (train(replace=True) then
+    clears it, but only once the data and tokenizer have been opened, so bad input never costs the run)."""
     found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
     if found and not overwrite:
         raise ValueError(f"{run_dir}: holds a run ({', '.join(found)}); continue it with --resume {run_dir}, "
                          f"train into a new --out, or pass --overwrite to replace it")
-    for name in found:
-        (Path(run_dir) / name).unlink()
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove an old run's files, so metrics.jsonl and train.log start empty rather than appended to."""
+    for name in RUN_FILES:
+        (Path(run_dir) / name).unlink(missing_ok=True)
 
 
 def resume_config(run_dir: Path, overrides: dict) -> Config:
@@ -47,6 +51,9 @@ def resume_config(run_dir: Path, overrides: dict) -> Config:
                                   f"asked for {value!r}; a resumed run keeps its config")
         setattr(cfg, name, value)
     cfg.validate()  # setattr skipped it
+    if cfg.steps < state.get("step", 0):
+        raise CheckpointError(f"{path}: saved at step {state['step']}; --steps {cfg.steps} is fewer than the "
+                              f"steps done (a resumed run trains on to --steps)")
     return cfg
 
 
