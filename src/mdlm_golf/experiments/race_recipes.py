@@ -36,8 +36,8 @@ LEVERS: dict[str, dict[str, str]] = {
     "stratified": {"time_sampling": "stratified"},
     # the levers that helped alone on tuning slices (bench/race_tune.py; BENCHMARKS.md), combined
     "best": BEST,
-    # block diffusion on top of the best recipe (issue 14): blocks of 4, 16, 64 tokens
-    **{f"block{b}": {**BEST, "block_size": str(b)} for b in (4, 16, 64)},
+    # block diffusion on top of the best recipe (issue 14): blocks of 2, 4, 16, 64 tokens
+    **{f"block{b}": {**BEST, "block_size": str(b)} for b in (2, 4, 16, 64)},
 }
 RECIPES: dict[str, dict[str, str]] = {"today": TODAY, **{name: {**TODAY, **lever} for name, lever in LEVERS.items()}}
 YARDSTICK = "ar"
