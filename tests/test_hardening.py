@@ -297,6 +297,13 @@ def test_shards_changed_after_prepare_are_refused(data_dir, tmp_path, capsys):
         load_split(data, "val", 1024)
     assert str(data / "manifest.json") in str(err.value) and "its shards hold 100;" in str(err.value)
 
+    train_shard = shard_paths(data, "train")[0]  # training checks the train split the same way
+    write_shard(train_shard, np.full(30_000, 5, dtype=np.uint16))
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "R"), *TINY, "--steps", "1",
+                 "--no-eval"]) == 2
+    err = one_line_error(capsys, "train")
+    assert str(data / "manifest.json") in err and "train tokens" in err
+
 
 @pytest.mark.parametrize("text, named", [("{not json", "not a JSON manifest"),
                                          ('{"val": {"shards": []}}', '"tokenizer"'),

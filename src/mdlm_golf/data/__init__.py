@@ -2,10 +2,10 @@
 row layouts (rows), groups of shards in memory (groups), the shard-rotating loader (loader), download."""
 from .corpus import MIN_VOCAB, prepare
 from .loader import ShardedLoader
-from .shards import DataError, load_split, read_manifest, read_shard, shard_paths
+from .shards import DataError, check_manifest_tokens, load_split, read_manifest, read_shard, shard_paths
 from .tokenizer import ByteTable, load_tokenizer
 
 __all__ = [
-    "MIN_VOCAB", "prepare", "ShardedLoader", "DataError", "load_split", "read_manifest", "read_shard",
-    "shard_paths", "ByteTable", "load_tokenizer",
+    "MIN_VOCAB", "prepare", "ShardedLoader", "DataError", "check_manifest_tokens", "load_split", "read_manifest",
+    "read_shard", "shard_paths", "ByteTable", "load_tokenizer",
 ]

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..checkpoint import read_checkpoint, run_checkpoint, save_checkpoint
 from ..config import BOS_ID, Config
-from ..data import ByteTable, ShardedLoader, load_split, load_tokenizer, shard_paths
+from ..data import ByteTable, ShardedLoader, check_manifest_tokens, load_split, load_tokenizer, shard_paths
 from ..diffusion import Noise, draw_noise
 from ..dist import DistEnv, all_reduce_sum, autocast, barrier, init_distributed, to_device
 from ..eval import HEADLINE_MODES, evaluate, format_result, headline
@@ -214,6 +214,7 @@ def open_run(cfg: Config, env: DistEnv, data_dir: Path, out_dir: Path, tokenizer
                            cfg.vocab_size, cfg.seed, shards_per_group=cfg.shards_per_group,
                            batches_per_group=cfg.batches_per_group or None, rank=env.rank,
                            world_size=env.world_size, batch_rows=cfg.batch_rows)
+    check_manifest_tokens(data_dir, "train", loader.total_tokens)
     torch.manual_seed(cfg.seed)
     model = MDLM(cfg).to(env.device)
     optimizer = build_optimizer(model, cfg, env.device)
