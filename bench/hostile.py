@@ -1215,14 +1215,16 @@ def overwrite_cases() -> list[Case]:
              setup=copy("R")),
         Case("overwrite", "resume: an out-of-range flag", (*resume, "--steps", "0"), names="steps",
              setup=copy("R")),
-        Case("overwrite", "resume: fewer steps than done", (*resume, "--steps", "2"), expect=CLEAN,
-             setup=copy("R"), mutable=("R/",)),
+        Case("overwrite", "resume: fewer steps than done", (*resume, "--steps", "2"), names="--steps 2",
+             setup=copy("R")),
         Case("overwrite", "resume: config.json steps changed (allowed)", (*resume, "--steps", "6"), expect=OK,
              setup=config_json(lambda c: json.dumps({**c, "steps": 9})), mutable=("R/",),
              check=model_at("R/model.pt", 6)),
         Case("overwrite", "--resume and --out together", ("train", "--resume", "{C}/R", "--out", "{C}/R2",
                                                           "--data", "{D}", "--no-eval"),
-             expect=CLEAN, setup=copy("R"), mutable=("R/", "R2/")),
+             names="--out {C}/R2", setup=copy("R")),
+        Case("overwrite", "--resume and --overwrite together", (*resume, "--overwrite"), names="--resume {C}/R",
+             setup=copy("R")),
     ]
 
 

@@ -88,8 +88,8 @@ class ShardWriter:
 
 
 def check_data_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a folder that holds anything, unless overwrite (clear_old_shards then empties it, but only
-    once the docs and tokenizer have been read, so bad input never costs the old shards)."""
+    """Refuse a folder that holds anything, unless overwrite (clear_old_shards then removes its shards
+    and manifest, but only once the docs and tokenizer have been read: bad input never costs them)."""
     if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
         raise DataError(f"{out_dir}: not empty; prepare into a new or empty folder, or pass --overwrite "
                         f"to replace its shards and manifest")
