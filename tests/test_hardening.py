@@ -232,9 +232,9 @@ def test_resume_refuses_fewer_steps_than_done_and_a_second_out(finished_run, dat
     assert main(["train", "--resume", str(run), "--data", str(data_dir), "--steps", "1", "--no-eval"]) == 2
     assert "saved at step 2; --steps 1 is fewer" in one_line_error(capsys, "train")
     assert main(["train", "--resume", str(run), "--out", str(tmp_path / "R2"), "--data", str(data_dir)]) == 2
-    assert "pass one of them" in one_line_error(capsys, "train")
+    assert f"--out {tmp_path / 'R2'} is for a new run" in one_line_error(capsys, "train")
     assert main(["train", "--resume", str(run), "--overwrite", "--data", str(data_dir)]) == 2
-    assert "pass one of them" in one_line_error(capsys, "train")
+    assert "--overwrite is for a new run: pass one of them" in one_line_error(capsys, "train")
     assert files_of(run) == before and not (tmp_path / "R2").exists()
 
 

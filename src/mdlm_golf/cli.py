@@ -68,8 +68,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """mdlm-golf train: a new run (--out) or a resumed one (--resume)."""
     if args.resume and (args.out or args.overwrite):
-        raise ValueError(f"--resume {args.resume} continues that run in place; --out (with --overwrite) "
-                         f"starts a new one: pass one of them")
+        other = f"--out {args.out}" if args.out else "--overwrite"
+        raise ValueError(f"--resume {args.resume} continues that run in place; {other} is for a new run: "
+                         f"pass one of them")
     if args.resume:
         run_dir = Path(args.resume)
         cfg = resume_config(run_dir, config_overrides(args))
