@@ -1,14 +1,15 @@
 """Exact planned-order code length vs the ELBO bound, and the MDZ1 coder against gzip/xz/zstd.
 
     python bench/codelength.py --run RUN --data DIR [--tokenizer MODEL] [--num-seqs 16]
-        [--passes 16,64,128,256,L] [--max-passes 256] [--elbo-steps 64,128,256,512] [--docs 3]
+        [--passes 16,64,128,256,L] [--max-passes 256] [--elbo-steps 64,128,256,512] [--docs 3] [--texts FILE.jsonl]
         [--coder-order confidence] [--coder-passes 64] [--out PREFIX]
 
 (a) bpb on the first --num-seqs val slices, both modes: planned-order code length for each P of
     --passes (<= --max-passes and L) and every order, next to the ELBO for each T of --elbo-steps;
     as a table of bpb against network evaluations per slice, a PNG plot and a JSON file
     (PREFIX.png, PREFIX.json; default RUN/codelength).
-(b) the first --docs val documents, decoded to text with the tokenizer, compressed with the MDZ1
+(b) the first --docs val documents, decoded to text with the tokenizer (or, with --texts FILE.jsonl, the
+    last --docs documents of that file as they are written there), compressed with the MDZ1
     coder (--coder-order, --coder-passes) and decompressed: file and code bits per byte of the
     text next to the planned-order code length of the same tokens (the coder's overhead), and
     gzip -9, xz -9 and zstd -19 (if `zstandard` is installed) of the same text.
@@ -126,14 +127,21 @@ def baselines(raw: bytes) -> dict[str, int]:
     return out
 
 
+def coder_inputs(sp, val: np.ndarray, args) -> list[bytes]:
+    """The texts to compress: the last --docs documents of --texts as they are written there (characters
+    the tokenizer cannot rebuild included), else the first --docs val documents decoded to text."""
+    if args.texts:
+        lines = [line for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [json.loads(line)["text"].encode("utf-8") for line in lines[-args.docs:]]
+    return [sp.decode(ids.tolist()).encode("utf-8") for ids in val_documents(val, args.docs)]
+
+
 def coder_rows(cpu_model, cfg, sp, table, val, args) -> list[dict]:
-    """Compress the first --docs val documents (as text) with MDZ1 and the standard compressors."""
+    """Compress the --docs texts with MDZ1 and the standard compressors, and decompress them."""
     schedule = dict(passes=min(args.coder_passes, cfg.seq_len))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, ids in enumerate(val_documents(val, args.docs)):
-            text = sp.decode(ids.tolist())
-            raw = text.encode("utf-8")
+        for i, raw in enumerate(coder_inputs(sp, val, args)):
             path = Path(tmp) / f"doc{i}.mdz"
             began = time.perf_counter()
             info = compress_file(cpu_model, cfg, sp, raw, path, order=args.coder_order, **schedule)
@@ -189,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-passes", type=int, default=256, help="largest P (CPU: keep it small)")
     parser.add_argument("--orders", default=",".join(ORDERS), help="comma-separated planned orders")
     parser.add_argument("--elbo-steps", default="64,128,256,512", help="comma-separated ELBO steps")
-    parser.add_argument("--docs", type=int, default=3, help="val documents to compress (0 = none)")
+    parser.add_argument("--docs", type=int, default=3, help="documents to compress (0 = none)")
+    parser.add_argument("--texts", help="JSONL of {\"text\": ...}: compress its last --docs documents "
+                        "byte for byte instead of decoded val documents")
     parser.add_argument("--coder-order", default="confidence", choices=ORDERS)
     parser.add_argument("--coder-passes", type=int, default=64, help="passes per slice for the coder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
