@@ -1,8 +1,8 @@
 """Exact planned-order code length vs the ELBO bound, and the MDZ1 coder against gzip/xz/zstd.
 
     python bench/codelength.py --run RUN --data DIR [--tokenizer MODEL] [--num-seqs 16]
-        [--passes 16,64,128,256,L] [--max-passes 256] [--elbo-steps 64,128,256,512] [--docs 3] [--texts FILE.jsonl]
-        [--coder-order confidence] [--coder-passes 64] [--out PREFIX]
+        [--passes 16,64,128,256,L] [--max-passes 256] [--elbo-steps 64,128,256,512] [--docs 3]
+        [--texts FILE.jsonl] [--coder-order confidence] [--coder-passes 64] [--out PREFIX]
 
 (a) bpb on the first --num-seqs val slices, both modes: planned-order code length for each P of
     --passes (<= --max-passes and L) and every order, next to the ELBO for each T of --elbo-steps;
@@ -33,6 +33,7 @@ from mdlm_golf.checkpoint import load_model, run_checkpoint
 from mdlm_golf.coder import BATCH_ROWS, compress_file, decompress_file, split_input, text_tokens
 from mdlm_golf.config import BOS_ID, write_text_atomic
 from mdlm_golf.data import ByteTable, load_split, load_tokenizer
+from mdlm_golf.data.corpus import iter_docs
 from mdlm_golf.eval.elbo import evaluate
 from mdlm_golf.eval.harness import make_slices
 from mdlm_golf.eval.planned import ORDERS, evaluate_planned, planned_bits
@@ -131,8 +132,7 @@ def coder_inputs(sp, val: np.ndarray, args) -> list[bytes]:
     """The texts to compress: the last --docs documents of --texts as they are written there (characters
     the tokenizer cannot rebuild included), else the first --docs val documents decoded to text."""
     if args.texts:
-        lines = [line for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [json.loads(line)["text"].encode("utf-8") for line in lines[-args.docs:]]
+        return [text.encode("utf-8") for text in list(iter_docs(Path(args.texts)))[-args.docs:]]
     return [sp.decode(ids.tolist()).encode("utf-8") for ids in val_documents(val, args.docs)]
 
 

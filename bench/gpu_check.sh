@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device check on one CUDA card, under 9 minutes in all: bench/speed.py (issue 6) on the reference
 # configuration, then the race (issue 11): the record preset's MDLM recipe against AR at equal
-# wall-clock on the shared corpus, and the same recipe as block diffusion in blocks of 2 (issues 11 and 14:
+# wall-clock on the shared corpus, and the same recipe as block diffusion in blocks of 2 (issues 11, 14:
 # its FlexAttention block mask, compiled, on the card).
 #
 #   bash bench/gpu_check.sh          # JSON and logs go to $OUT when set, else to a temporary folder
@@ -94,7 +94,8 @@ for row in [cols, ["-" * w for w in widths], *rows]:
     print(" | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
 EOF
 
-# the race: best MDLM recipe (the record preset) vs AR vs blocks of 2 (the recipe that halved the gap at equal tokens), equal wall-clock, on the shared corpus
+# the race: best MDLM recipe (the record preset) vs AR vs blocks of 2 (the recipe that halved the gap at
+# equal tokens), equal wall-clock, on the shared corpus
 DOCS=${GPU_DATA:-.gpu_data}
 if [[ -f $DOCS/docs_selected.jsonl && -f $DOCS/fineweb_1024_bpe.model ]]; then
   RACE_SECONDS=${RACE_SECONDS:-50}
