@@ -5,7 +5,7 @@ slices/s, and sampling tokens/s with and without the KV cache, for each block si
         [--preset demo] [--blocks 0,64,16,4] [--steps 6] [--eval-slices 8] [--eval-steps 8]
         [--samples 4] [--sample-len 128] [--sample-steps 8] [--device cpu|cuda] [--json OUT]
 
-Training times the package's own Objective (loss + backward) on random rows that start with BOS, one
+Training times the package's own LossModule (loss + backward) on random rows that start with BOS, one
 process, float32 on the CPU (bf16 autocast on CUDA), median of --steps after one untimed step; the
 weights are random (costs do not depend on them). Block 0 is the plain MDLM (one block per row).
 Prints one JSON line per block size, then a table with the machine.
@@ -26,8 +26,9 @@ from mdlm_golf.config import BOS_ID, Config, build_config
 from mdlm_golf.dist import autocast, pick_device
 from mdlm_golf.eval.elbo import elbo_bits
 from mdlm_golf.eval.harness import EvalSlices
-from mdlm_golf.model import MDLM
-from mdlm_golf.objective import Objective
+from mdlm_golf.model import Transformer
+from mdlm_golf.diffusion import Noise
+from mdlm_golf.objective import LossModule, objective_for
 from mdlm_golf.sampling import generate
 
 from machine import cpu_model  # bench/machine.py; the script's folder is on sys.path
@@ -45,18 +46,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def train_tokens_per_s(model: MDLM, cfg: Config, steps: int, device: torch.device) -> float:
+def train_tokens_per_s(model: Transformer, cfg: Config, steps: int, device: torch.device) -> float:
     """Tokens of x_0 per second through loss + backward (the median step)."""
-    objective = Objective(model, cfg)
+    loss_module, prepare = LossModule(model), objective_for(cfg)
     x0 = random_rows(cfg, cfg.batch_rows, 0).to(device)
     gen = torch.Generator().manual_seed(1)
     times = []
     for i in range(steps + 1):
-        noise = (torch.rand(cfg.batch_rows, generator=gen), torch.rand(x0.shape, generator=gen),
-                 torch.rand(x0.shape, generator=gen))
+        noise = Noise(*(n.to(device) for n in (torch.rand(cfg.batch_rows, generator=gen),
+                                                 torch.rand(x0.shape, generator=gen),
+                                                 torch.rand(x0.shape, generator=gen))))
         began = time.perf_counter()
         with autocast(device):
-            loss, _ = objective(x0, *(n.to(device) for n in noise))
+            loss = loss_module(*prepare(x0, noise).loss_args())
         loss.backward()
         sync(device)
         if i:  # the first step warms allocators and caches
@@ -64,17 +66,16 @@ def train_tokens_per_s(model: MDLM, cfg: Config, steps: int, device: torch.devic
     return x0.numel() / statistics.median(times)
 
 
-def eval_slices_per_s(model: MDLM, cfg: Config, slices: int, steps: int, device: torch.device) -> float:
+def eval_slices_per_s(model: Transformer, cfg: Config, slices: int, steps: int, device: torch.device) -> float:
     tokens = random_rows(cfg, slices, 2).numpy()
     evals = EvalSlices(tokens, np.ones_like(tokens), np.arange(slices))
     began = time.perf_counter()
-    elbo_bits(model, evals, "strict", steps, cfg.noise_eps, cfg.vocab_size, 0, cfg.eval_batch_rows, device,
-              blockwise=cfg.blockwise)
+    elbo_bits(model, evals, "strict", steps, cfg.noise_eps, cfg.vocab_size, 0, cfg.eval_batch_rows, device)
     sync(device)
     return slices / (time.perf_counter() - began)
 
 
-def sample_tokens_per_s(model: MDLM, cfg: Config, args: argparse.Namespace, kv_cache: bool) -> float:
+def sample_tokens_per_s(model: Transformer, cfg: Config, args: argparse.Namespace, kv_cache: bool) -> float:
     result = generate(model, cfg, num=args.samples, length=args.sample_len, steps=args.sample_steps, seed=0,
                       device=args.device, kv_cache=kv_cache)
     return result.generated_tokens / result.elapsed
@@ -84,14 +85,14 @@ def measure(block: int, args: argparse.Namespace) -> dict:
     base = build_config(args.preset, environ={})
     cfg = dataclasses.replace(base, block_size=block)
     torch.manual_seed(0)
-    model = MDLM(cfg).to(args.device)
-    row = {"block": cfg.block, "blockwise": cfg.blockwise, "seq_len": cfg.seq_len,
+    model = Transformer(cfg).to(args.device)
+    row = {"block": cfg.block_size or cfg.seq_len, "blockwise": bool(cfg.block_size), "seq_len": cfg.seq_len,
            "train_tokens_per_s": train_tokens_per_s(model, cfg, args.steps, args.device)}
     model.eval()
     with torch.no_grad():
         row["eval_slices_per_s"] = eval_slices_per_s(model, cfg, args.eval_slices, args.eval_steps, args.device)
     row["sample_tokens_per_s"] = sample_tokens_per_s(model, cfg, args, kv_cache=True)
-    if cfg.blockwise:
+    if cfg.block_size:
         row["sample_tokens_per_s_uncached"] = sample_tokens_per_s(model, cfg, args, kv_cache=False)
     return row
 

@@ -34,9 +34,9 @@ from mdlm_golf.coder import BATCH_ROWS, compress_file, decompress_file, split_in
 from mdlm_golf.config import BOS_ID, write_text_atomic
 from mdlm_golf.data import ByteTable, load_split, load_tokenizer
 from mdlm_golf.data.corpus import iter_docs
-from mdlm_golf.eval.elbo import evaluate
+from mdlm_golf.eval import evaluate
 from mdlm_golf.eval.harness import make_slices
-from mdlm_golf.eval.planned import ORDERS, evaluate_planned, planned_bits
+from mdlm_golf.eval.planned import ORDERS, planned_bits
 
 MODES = ("strict", "anchored")
 
@@ -60,8 +60,8 @@ def code_length_rows(model, val, table, cfg, args, device) -> list[dict]:
     passes = sorted({p for p in wanted if p <= min(cfg.seq_len, args.max_passes)})
     for order in args.orders:
         for p in passes:
-            r = evaluate_planned(model, val, table, cfg, order=order, passes=p, num_seqs=args.num_seqs,
-                                 modes=MODES, device=device)
+            r = evaluate(model, val, table, cfg, method="planned", order=order, passes=p, num_seqs=args.num_seqs,
+                         modes=MODES, device=device)
             rows.append({"method": "planned", "order": order, "passes": p, "evals": r["strict"]["passes"],
                          **{f"bpb_{m}": r[m]["bpb"] for m in MODES},
                          "seconds": sum(r[m]["eval_seconds"] for m in MODES), "results": r})
@@ -149,7 +149,7 @@ def coder_rows(cpu_model, cfg, sp, table, val, args) -> list[dict]:
             back = decompress_file(cpu_model, cfg, sp, path)
             done = time.perf_counter()
             stream = text_tokens(sp, split_input(sp, raw)[0])  # what the model codes; the rest is escaped
-            slices = make_slices(stream, cfg.seq_len, 0, table, cfg.pad_id)
+            slices = make_slices(stream, cfg.seq_len, 0, table, cfg.tokens.pad)
             with torch.no_grad():
                 ideal = planned_bits(cpu_model, slices, "anchored", args.coder_order, eps=cfg.noise_eps,
                                      vocab_size=cfg.vocab_size, batch_rows=BATCH_ROWS,

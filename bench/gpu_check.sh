@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Device check on one CUDA card, under 9 minutes in all: bench/speed.py (issue 6) on the reference
-# configuration, then the race (issue 11): the record preset's MDLM recipe against AR at equal
+# Device check on one CUDA card, under 10 minutes in all (GPU tests 90 s, speed 170 s, race 330 s):
+# bench/speed.py (issue 6) on the reference configuration, then the race (issue 11): the record
+# preset's MDLM recipe against AR at equal
 # wall-clock on the shared corpus, and the same recipe as block diffusion in blocks of 2 (issues 11, 14:
 # its FlexAttention block mask, compiled, on the card).
 #
 #   bash bench/gpu_check.sh          # JSON and logs go to $OUT when set, else to a temporary folder
+#
+# First the GPU tests (pytest -m gpu: FlexAttention block masks equal the SDPA masks), where pytest is.
 #
 # The race needs the shared corpus inside the checkout (../shared does not travel to the device):
 #   mkdir -p .gpu_data && cp ../shared/data/docs_selected.jsonl ../shared/data/tokenizers/fineweb_1024_bpe.model .gpu_data/
@@ -27,8 +30,6 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 RESULTS=${OUT:-$(mktemp -d)}
 mkdir -p "$RESULTS"
-DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-170}))
-
 timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader \
   || echo "nvidia-smi: not available"
 timeout 60 "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "| torch", torch.__version__,
@@ -36,6 +37,17 @@ timeout 60 "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], 
 echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown) | results in $RESULTS"
 
 failed=()
+# FlexAttention's block masks against the SDPA masks the CPU tests check (documents, blocks, sub-tile blocks)
+if "$PY" -c "import pytest" 2>/dev/null; then
+  echo "== gpu tests: FlexAttention block masks vs SDPA masks"
+  timeout -k 5 90 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_attention_gpu.py \
+    >"$RESULTS/gpu_tests.log" 2>&1 || failed+=("gpu tests (see gpu_tests.log)")
+  tail -n 3 "$RESULTS/gpu_tests.log"
+else
+  echo "== gpu tests: skipped (no pytest on the device: carry a wheel of it to run tests/test_attention_gpu.py)"
+fi
+
+DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-170}))
 bench() {  # NAME CAP_SECONDS ARGS...: one bench run, limited to min(CAP, time left before the deadline)
   local name=$1 cap=$2 left=$((DEADLINE - SECONDS))
   shift 2
@@ -101,7 +113,7 @@ if [[ -f $DOCS/docs_selected.jsonl && -f $DOCS/fineweb_1024_bpe.model ]]; then
   RACE_SECONDS=${RACE_SECONDS:-50}
   echo "== race: record preset vs AR vs blocks of 2, ${RACE_SECONDS}s of training each (compile and eval off the clock)"
   rc=0
-  timeout -k 5 360 bash -c '
+  timeout -k 5 330 bash -c '
     "$0" -m mdlm_golf prepare --docs "$1/docs_selected.jsonl" --tokenizer "$1/fineweb_1024_bpe.model" \
       --val-docs 500 --out "$2/race_data" >/dev/null &&
     "$0" -m mdlm_golf race --data "$2/race_data" --out "$2/race" --preset record --recipe record: --recipe ar:objective=ar --recipe block2:block_size=2 \

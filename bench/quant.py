@@ -40,17 +40,17 @@ from mdlm_golf.checkpoint import load_model, run_checkpoint  # noqa: E402
 from mdlm_golf.config import Config, build_config  # noqa: E402
 from mdlm_golf.data import ByteTable, load_split, load_tokenizer, read_shard, shard_paths  # noqa: E402
 from mdlm_golf.eval import evaluate  # noqa: E402
-from mdlm_golf.model import MDLM  # noqa: E402
+from mdlm_golf.model import Transformer  # noqa: E402
 from mdlm_golf.submission import SCRIPT_NAME, script_bytes  # noqa: E402
 
 DEFAULT_SPECS = ["int8", "int6,embed=int8,head=int8", "int6", "int6,mlp=int4", "int5", "int5,mlp=int4",
                  "int4,embed=int8,head=int8", "int4"]
 
 
-def synthetic_model(seed: int = 0) -> MDLM:
+def synthetic_model(seed: int = 0) -> Transformer:
     """The reference model with heavy-tailed random weights standing in for trained ones."""
     torch.manual_seed(seed)
-    model = MDLM(build_config(None, environ={}))
+    model = Transformer(build_config(None, environ={}))
     t = torch.distributions.StudentT(5.0)
     with torch.no_grad():
         for p in model.parameters():
@@ -62,7 +62,7 @@ def synthetic_model(seed: int = 0) -> MDLM:
 
 def roundtrip_model(model: MDLM, qtensors: list[QuantTensor]) -> MDLM:
     """A copy of the model carrying the dequantized weights (what the artifact loads as)."""
-    copy = MDLM(model.cfg)
+    copy = Transformer(model.cfg)
     copy.load_state_dict(dequantize_state_dict(qtensors))
     return copy.to(next(model.parameters()).device)
 

@@ -7,7 +7,7 @@
         [--eval-steps T] [--eval-slices S] [--eval-batch-rows E] [--peak-tflops P]
         [--measure-peak] [--val-tokens V] [--eval-gpus G] [--json OUT] [--device cuda|cpu]
 
-Training runs the package's own step: MDLM, build_optimizer, build_objective (torch.compile and
+Training runs the package's own step: Transformer, build_optimizer, build_loss_module (torch.compile and
 FlexAttention document masks on CUDA when compiled), warm_up outside the clock, then train_step
 on one process. Rows come from DIR's train shards through ShardedLoader (--data), or from random
 documents with lognormal lengths (mean --doc-mean tokens), each starting with BOS, cut into rows
@@ -51,11 +51,11 @@ from mdlm_golf.dist import init_distributed, pick_device
 from mdlm_golf.eval.elbo import elbo_bits
 from mdlm_golf.eval.harness import EvalSlices
 from mdlm_golf.data.loader import ShardedLoader
-from mdlm_golf.model import MDLM
-from mdlm_golf.train.loop import build_objective, train_step, warm_up
+from mdlm_golf.model import Transformer
+from mdlm_golf.objective import objective_for
+from mdlm_golf.train.loop import build_loss_module, train_step, warm_up
 from mdlm_golf.train.optim import build_optimizer, lr_factor
-from mdlm_golf.train.runlog import PEAK_FLOPS, matmul_params
-from mdlm_golf.train.runlog import flops_per_token as train_flops_per_token
+from mdlm_golf.train.runlog import PEAK_FLOPS
 
 from machine import cpu_model  # bench/machine.py; the script's folder is on sys.path
 
@@ -71,7 +71,7 @@ class RandomDocs:
 
     def __init__(self, cfg: Config, pool_rows: int, doc_mean: float, seed: int):
         rng = np.random.default_rng(seed)
-        self.seq_len, self.pad_id = cfg.seq_len, cfg.pad_id
+        self.seq_len, self.pad_id = cfg.seq_len, cfg.tokens.pad
         lengths = np.zeros(0, np.int64)
         while lengths.sum() < max(pool_rows, 1) * cfg.seq_len:
             draw = rng.lognormal(math.log(doc_mean) - 0.5, 1.0, 1024)  # sigma 1: mean exp(mu + 1/2)
@@ -124,11 +124,12 @@ def eval_slices(cfg: Config, count: int, data: Path | None, doc_mean: float) -> 
 
 # ---------------------------------------------------------------- FLOPs, peaks, memory
 
-def flops_per_token(model: MDLM, cfg: Config) -> tuple[int, str]:
-    """Training FLOPs per token (forward + backward), as the trainer's MFU counts them, with the formula."""
-    n = matmul_params(model)
+def flops_per_token(model: Transformer, cfg: Config) -> tuple[int, str]:
+    """Training FLOPs per token (forward + backward), as the trainer's MFU counts them, with the formula
+    (the plain model's, written out)."""
+    n = model.matmul_params()
     attention = 12 * cfg.num_layers * cfg.model_dim * cfg.seq_len
-    total = train_flops_per_token(cfg, model)  # the trainer's own formula, written out here
+    total = model.flops_per_token()  # the trainer's own formula
     formula = (f"6*N_matmul + 12*n_layers*d_model*seq_len = 6*{n:,} + 12*{cfg.num_layers}*{cfg.model_dim}"
                f"*{cfg.seq_len} = {6 * n:,} + {attention:,} = {total:,} FLOP/token")
     return total, formula
@@ -184,21 +185,21 @@ def dynamo_stats() -> dict:
 
 # ---------------------------------------------------------------- measurements
 
-def time_training(cfg: Config, args, source: CountingRows) -> tuple[dict, MDLM]:
+def time_training(cfg: Config, args, source: CountingRows) -> tuple[dict, Transformer]:
     """Warm up (compile) off the clock, then time args.steps optimizer steps of train_step."""
     env = init_distributed(args.device)
     if env.distributed:
         raise SystemExit("bench/speed.py measures one process; run it without torchrun")
     device = env.device
     torch.manual_seed(cfg.seed)
-    model = MDLM(cfg).to(device)
+    model = Transformer(cfg).to(device)
     optimizer = build_optimizer(model, cfg, device)
-    objective = build_objective(model, cfg, env)
-    compile_s = warm_up(objective, model, cfg, env) if cfg.compile else 0.0
+    loss_module, prepare = build_loss_module(model, cfg, env), objective_for(cfg)
+    compile_s = warm_up(loss_module, prepare, model, cfg, env) if cfg.compile else 0.0
 
     def step(i: int) -> torch.Tensor:
         optimizer.set_lr_factor(lr_factor(i, cfg))
-        return train_step(objective, model, optimizer, source, cfg, i, env)
+        return train_step(loss_module, prepare, model, optimizer, source, cfg, i, env)
 
     began = time.perf_counter()
     for i in range(args.warmup):
@@ -242,7 +243,7 @@ def time_training(cfg: Config, args, source: CountingRows) -> tuple[dict, MDLM]:
     }, model
 
 
-def time_eval(model: MDLM, cfg: Config, args, device: torch.device) -> dict:
+def time_eval(model: Transformer, cfg: Config, args, device: torch.device) -> dict:
     """token-forwards/s of elbo_bits on S slices x T steps, after an identical untimed call."""
     slices = eval_slices(cfg, args.eval_slices, args.data, args.doc_mean)
     forward = torch.compile(model) if cfg.compile else model
@@ -278,7 +279,7 @@ def time_eval(model: MDLM, cfg: Config, args, device: torch.device) -> dict:
 
 # ---------------------------------------------------------------- report
 
-def describe(device: torch.device, cfg: Config, model: MDLM, args, source_name: str) -> dict:
+def describe(device: torch.device, cfg: Config, model: Transformer, args, source_name: str) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {
         "device": str(device), "device_name": name, "torch": torch.__version__,
@@ -377,7 +378,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def row_source(cfg: Config, args) -> tuple[ShardedLoader | RandomDocs, str]:
     """DIR's train shards through ShardedLoader (--data), or random documents; and a description."""
     if args.data is not None:
-        loader = ShardedLoader(shard_paths(args.data, "train"), cfg.seq_len, cfg.layout, cfg.pad_id,
+        loader = ShardedLoader(shard_paths(args.data, "train"), cfg.seq_len, cfg.layout, cfg.tokens.pad,
                                cfg.vocab_size, cfg.seed, shards_per_group=cfg.shards_per_group,
                                batch_rows=cfg.batch_rows)
         return loader, f"{args.data} train shards (ShardedLoader)"
@@ -393,13 +394,13 @@ def main(argv: list[str] | None = None) -> dict:
         compile=args.compile))
     args.eval_batch_rows = args.eval_batch_rows or cfg.eval_batch_rows
     loader, source_name = row_source(cfg, args)
-    source = CountingRows(loader, cfg.pad_id)
+    source = CountingRows(loader, cfg.tokens.pad)
     train, model = time_training(cfg, args, source)
     device = args.device
     result = describe(device, cfg, model, args, source_name)
     flops, formula = flops_per_token(model, cfg)
     peak, peak_source = peak_flops(device, args.peak_tflops)
-    result.update(train, n_matmul_params=matmul_params(model), flops_per_token=flops, flop_formula=formula,
+    result.update(train, n_matmul_params=model.matmul_params(), flops_per_token=flops, flop_formula=formula,
                   peak_flops=peak, peak_flops_source=peak_source,
                   mfu=train["tokens_per_s"] * flops / peak if peak else None, **dynamo_stats())
     if args.measure_peak:

@@ -133,7 +133,7 @@ class UnigramDenoiser(torch.nn.Module):
         self.register_buffer("logits", logits)
         self.dummy = torch.nn.Parameter(torch.zeros(()))  # evaluate() reads the device from a parameter
 
-    def forward(self, x_t, sigma, doc_ids=None):
+    def forward(self, x_t, sigma, clean=None, doc_ids=None):
         return self.logits.expand(*x_t.shape, -1)
 
     def nll_bits(self, ids: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ from mdlm_golf.config import build_config
 from mdlm_golf.data import ByteTable, load_split, load_tokenizer
 from mdlm_golf.eval import evaluate
 from mdlm_golf.files import write_bytes_atomic
-from mdlm_golf.model import MDLM
+from mdlm_golf.model import Transformer
 from mdlm_golf.submission import SCRIPT_MAIN, build_script, script_bytes
 from mdlm_golf.train import train
 
@@ -35,10 +35,10 @@ MIXED = "embed=int8,attn=int6,mlp=int4,head=int5,adaln=fp16"
 
 
 
-def trained_like(seed: int = 0) -> MDLM:
+def trained_like(seed: int = 0) -> Transformer:
     """A tiny MDLM with every weight non-zero (init zeroes adaLN and the head) and uneven row scales."""
     torch.manual_seed(seed)
-    model = MDLM(build_config("tiny", environ={}))
+    model = Transformer(build_config("tiny", environ={}))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.distributions.StudentT(5.0).sample(p.shape) * 0.05)
@@ -47,16 +47,16 @@ def trained_like(seed: int = 0) -> MDLM:
     return model.eval()
 
 
-def quantize_model(model: MDLM, spec: str, *, small_numel: int = SMALL_NUMEL,
+def quantize_model(model: Transformer, spec: str, *, small_numel: int = SMALL_NUMEL,
                    calibration: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[QuantTensor]:
     """The model's weights as the export stores them: GPTQ from calibration batches if given, else RTN."""
     hessians = collect_hessians(model, calibration) if calibration else None
     return spec_quantizer(model.state_dict(), model.cfg, small_numel=small_numel, hessians=hessians)(spec)
 
 
-def roundtrip_model(model: MDLM, qtensors: list[QuantTensor]) -> MDLM:
+def roundtrip_model(model: Transformer, qtensors: list[QuantTensor]) -> Transformer:
     """A copy of the model carrying the dequantized weights (what the artifact loads as)."""
-    copy = MDLM(model.cfg)
+    copy = Transformer(model.cfg)
     copy.load_state_dict(dequantize_state_dict(qtensors))
     return copy
 
@@ -64,7 +64,7 @@ def roundtrip_model(model: MDLM, qtensors: list[QuantTensor]) -> MDLM:
 def tokens_for(cfg, rows: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(cfg.vocab_size, (rows, cfg.seq_len), generator=gen)
-    x[:, ::3] = cfg.mask_id
+    x[:, ::3] = cfg.tokens.mask
     return x, torch.rand(rows, generator=gen) * 3
 
 

@@ -39,13 +39,13 @@ def test_flop_count_matches_the_formula():
     finally:
         sys.path.remove(str(ROOT / "bench"))
     from mdlm_golf.config import build_config
-    from mdlm_golf.model import MDLM
+    from mdlm_golf.model import Transformer
 
     cfg = build_config("tiny", environ={})
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     d, f = cfg.model_dim, cfg.mlp_mult * cfg.model_dim
     per_block = 3 * d * d + d * d + d * f + f * d  # qkv, proj, up, down; adaLN is per row
-    assert speed.matmul_params(model) == cfg.num_layers * per_block + d * cfg.embed_rows
+    assert model.matmul_params() == cfg.num_layers * per_block + d * cfg.embed_rows
     flops, formula = speed.flops_per_token(model, cfg)
-    assert flops == 6 * speed.matmul_params(model) + 12 * cfg.num_layers * d * cfg.seq_len
+    assert flops == 6 * model.matmul_params() + 12 * cfg.num_layers * d * cfg.seq_len
     assert formula.endswith(f"= {flops:,} FLOP/token")

@@ -13,8 +13,9 @@ from mdlm_golf.coder import (TOTAL, ArithmeticDecoder, ArithmeticEncoder, CoderE
                              decompress_tokens, text_tokens)
 from mdlm_golf.config import BOS_ID, Tokens, build_config
 from mdlm_golf.data import ByteTable
+from mdlm_golf.eval import evaluate
 from mdlm_golf.eval.harness import make_slices, scored_positions
-from mdlm_golf.model import MDLM
+from mdlm_golf.model import Transformer
 from mdlm_golf.eval.planned import Schedule, masked_start, planned_bits, run_planned
 
 CPU = torch.device("cpu")
@@ -28,16 +29,14 @@ LONG_TEXT = ((
 TEXTS = {"empty": "", "one token": "a", "non-ascii": "Zoë naïve café — 東京", "long": LONG_TEXT}
 
 
-
-
 @pytest.fixture(scope="module")
 def cfg():
     return build_config("tiny", environ={})
 
 
-def perturbed_model(cfg, seed: int) -> MDLM:
+def perturbed_model(cfg, seed: int) -> Transformer:
     torch.manual_seed(seed)
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     for param in model.parameters():
         nn.init.normal_(param, std=0.1)
     nn.init.normal_(model.head.weight, std=0.1)  # context-dependent, not absurdly confident
@@ -120,10 +119,10 @@ def test_code_size_is_the_planned_order_code_length(model, cfg, shared_sp, order
     header, code = Header.decode(data)
     assert header.anchors == (np.flatnonzero(ids == BOS_ID).tolist() if mode == "anchored" else [])
     table = ByteTable.from_tokenizer(shared_sp, cfg.vocab_size)
-    slices = make_slices(ids, cfg.seq_len, 0, table, cfg.pad_id)
+    slices = make_slices(ids, cfg.seq_len, 0, table, cfg.tokens.pad)
     bits = planned_bits(model, slices, mode, order, eps=cfg.noise_eps, vocab_size=cfg.vocab_size,
                         batch_rows=3, device=CPU, **schedule).sum()
-    coded = int(scored_positions(torch.from_numpy(slices.tokens), mode, cfg.pad_id).sum())
+    coded = int(scored_positions(torch.from_numpy(slices.tokens), mode, cfg.tokens.pad).sum())
     code_bits = 8 * len(code)
     quantized = quantized_bits(model, cfg, slices, mode, order, schedule)
     # quantization costs <= ~V / TOTAL / ln 2 per token (the +1 floor can only make a token cheaper);
@@ -137,7 +136,7 @@ def quantized_bits(model, cfg, slices, mode: str, order: str, schedule: dict) ->
     """The ideal code length under the coder's integer frequencies, -log2(freq / sum), same plan."""
     tokens, total = Tokens(cfg.vocab_size), 0.0
     x0 = torch.from_numpy(slices.tokens)
-    scored = scored_positions(x0, mode, cfg.pad_id)
+    scored = scored_positions(x0, mode, cfg.tokens.pad)
     for start in range(0, x0.size(0), 3):
         rows_x0, rows_scored = x0[start:start + 3], scored[start:start + 3]
 
@@ -271,3 +270,27 @@ def test_cli_compress_and_decompress(tmp_path, cfg, shared_sp, shared_tokenizer_
     assert out.read_text(encoding="utf-8") == LONG_TEXT
     packed.write_bytes(packed.read_bytes()[:-3] + b"\x01\x02\x03")
     assert cli.main(["decompress", "--run", str(run), str(packed), str(out)]) == 2
+
+
+# ---------------------------------------------------------------- an autoregressive model
+
+def test_an_ar_model_codes_left_to_right_at_its_chain_rule_figure():
+    """An AR model compresses in the evaluator's windows through a KV cache: the file round-trips, and
+    its code (strict: every id, id 0 with the uniform law) is the `eval` chain-rule figure plus id 0's
+    log2 V, to within the coder's end bits and its 1/2**20 frequency rounding."""
+    from conftest import synthetic_byte_table
+
+    cfg = build_config("tiny", environ={}, overrides={"objective": "ar"})
+    model = perturbed_model(cfg, 3)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(4, cfg.vocab_size, size=3 * cfg.seq_len + 1)
+    ids[[0, 50, 130]] = BOS_ID  # documents inside windows: attention must stop at them both ways
+    blob = compress_tokens(model, cfg, ids, order="left-to-right", tokens_per_pass=1, mode="strict")
+    assert np.array_equal(decompress_tokens(model, cfg, blob), ids)
+    header_bits = 8 * len(Header.decode(blob)[0].encode())
+    chain_rule = evaluate(model, ids, synthetic_byte_table(), cfg, num_seqs=0)["ar"]
+    assert chain_rule["tokens"] == ids.size - 1
+    code_bits = 8 * len(blob) - header_bits - np.log2(cfg.vocab_size)
+    assert abs(code_bits - chain_rule["bits"]) <= 16 + 0.002 * ids.size, (code_bits, chain_rule["bits"])
+    with pytest.raises(ValueError, match="left to right, one token per pass"):
+        compress_tokens(model, cfg, ids, order="confidence", passes=4)

@@ -9,20 +9,18 @@ import torch
 
 from mdlm_golf.config import BOS_ID, build_config
 from mdlm_golf.diffusion import draw_noise
-from mdlm_golf.objective import Objective
-from mdlm_golf.eval.elbo import evaluate
-from mdlm_golf.model import MDLM
+from mdlm_golf.eval import evaluate
+from mdlm_golf.model import Transformer
+from mdlm_golf.objective import LossModule, objective_for
 
 
 def perturbed_tiny_model(**overrides):
     cfg = build_config("tiny", environ={}, overrides=overrides)
     torch.manual_seed(0)
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     for p in model.parameters():  # the zero-initialized head and adaLN would make every figure 10 bits
         torch.nn.init.normal_(p, std=0.1)
     return model, cfg
-
-
 
 
 @pytest.mark.slow
@@ -33,14 +31,14 @@ def test_compiled_evaluation_and_loss_match_eager():
     val[:: 40] = BOS_ID
     table = synthetic_byte_table()
     eager = evaluate(model, val, table, cfg, steps=4, num_seqs=6, seed=3, modes=("strict",))
-    cfg.compile = True
-    compiled = evaluate(model, val, table, cfg, steps=4, num_seqs=6, seed=3, modes=("strict",))
+    compiled = evaluate(model, val, table, dataclasses.replace(cfg, compile=True), steps=4, num_seqs=6, seed=3,
+                        modes=("strict",))
     assert compiled["strict"]["bpb"] == pytest.approx(eager["strict"]["bpb"], abs=1e-4)
 
-    objective = Objective(model, dataclasses.replace(cfg, layout="packed", anchor_mask_prob=0.0))
+    prepare = objective_for(dataclasses.replace(cfg, layout="packed", anchor_mask_prob=0.0))
     x0 = torch.from_numpy(val[: 4 * cfg.seq_len].reshape(4, cfg.seq_len)).long()
-    noise = draw_noise(4, cfg.seq_len, torch.Generator().manual_seed(2))
-    want, scored = objective(x0, noise.t, noise.mask_u, noise.anchor_u)
-    got, scored_c = torch.compile(objective)(x0, noise.t, noise.mask_u, noise.anchor_u)
-    assert scored_c == scored
+    batch = prepare(x0, draw_noise(4, cfg.seq_len, torch.Generator().manual_seed(2)))
+    loss_module = LossModule(model)
+    want = loss_module(*batch.loss_args())
+    got = torch.compile(loss_module)(*batch.loss_args())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)

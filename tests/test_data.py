@@ -15,7 +15,7 @@ from mdlm_golf.data.corpus import iter_docs
 from mdlm_golf.data.rows import copy_rows, doc_windows
 from mdlm_golf.data.shards import HEADER_BYTES, read_shard, read_shard_header, shard_paths, write_shard
 
-PAD = Config().pad_id  # vocab + 1
+PAD = Config().tokens.pad  # vocab + 1
 UNK_ID = 3
 THREADS = os.cpu_count() or 1
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+import mdlm_golf.objective
 from mdlm_golf import diffusion
 from mdlm_golf.config import BOS_ID
 from mdlm_golf.diffusion import (
     Tokens,
     alpha,
     antithetic_times,
-    diffusion_loss,
     elbo_weight,
     mask_tokens,
     maskable_positions,
@@ -23,6 +23,7 @@ from mdlm_golf.diffusion import (
     stratified_times,
     subs_log_probs,
 )
+from mdlm_golf.objective import diffusion_loss
 
 V = 1024
 TOK = Tokens(V)
@@ -50,7 +51,7 @@ class UnigramDenoiser(nn.Module):
         self.register_buffer("logits", logits)
         self.dummy = nn.Parameter(torch.zeros(()))  # so next(model.parameters()) works
 
-    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, doc_ids=None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, clean=None, doc_ids=None) -> torch.Tensor:
         return self.logits.expand(*x_t.shape, -1)
 
 
@@ -68,7 +69,7 @@ class RecordingDenoiser(nn.Module):
         self.poison_pad = poison_pad
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, doc_ids=None) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor, clean=None, doc_ids=None) -> torch.Tensor:
         self.calls.append((x_t.clone(), sigma.clone()))
         logits = self.table[x_t] + sigma.float()[:, None, None] * self.slope
         if self.poison_pad:
@@ -424,7 +425,7 @@ def test_dsigma_dt_weight_would_not_be_the_elbo(monkeypatch):
     """
     eps = 1e-3
     p = zipf_unigram()
-    monkeypatch.setattr(diffusion, "elbo_weight", lambda t, e: (1.0 - e) / alpha(t, e))
+    monkeypatch.setattr(mdlm_golf.objective, "elbo_weight", lambda t, e: (1.0 - e) / alpha(t, e))
     losses = unigram_loss_samples(p, eps, "stream", batches=60, rows=256, length=8)
     h = expected_nll_nats(p, "stream")
     se = losses.std(ddof=1) / math.sqrt(losses.size)

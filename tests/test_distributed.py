@@ -112,7 +112,7 @@ def test_block_diffusion_under_torchrun_matches_one_process(data_dir, tmp_path):
     run(["train", "--data", str(data_dir), "--out", str(tmp_path / "B2"), *flags], tmp_path, torchrun=True)
     one, two = records(tmp_path / "B1"), records(tmp_path / "B2")
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
-    assert "x2 positions and keys: block diffusion" in (tmp_path / "B2" / "train.log").read_text()
+    assert "block diffusion runs [x_t ; x_0]" in (tmp_path / "B2" / "train.log").read_text()
 
 
 def test_ar_with_muon_under_torchrun_matches_one_process(data_dir, tmp_path):

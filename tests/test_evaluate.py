@@ -11,9 +11,10 @@ from torch import nn
 
 from mdlm_golf.config import BOS_ID, Tokens, build_config
 from mdlm_golf.diffusion import elbo_grid, masked_nll, reveal_weights
-from mdlm_golf.eval.elbo import elbo_bits, evaluate, slice_mask_draws
+from mdlm_golf.eval import evaluate
+from mdlm_golf.eval.elbo import elbo_bits, slice_mask_draws
 from mdlm_golf.eval.harness import LEGACY_BYTES_PER_TOKEN, make_slices
-from mdlm_golf.model import MDLM
+from mdlm_golf.model import Transformer
 
 V = 1024
 PAD = V + 1
@@ -30,7 +31,7 @@ class NeighbourDenoiser(nn.Module):
         self.register_buffer("right", torch.randn(V + 2, V + 2, generator=gen))
         self.dummy = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x_t, sigma, doc_ids=None):
+    def forward(self, x_t, sigma, clean=None, doc_ids=None):
         prev = torch.cat([torch.full_like(x_t[:, :1], PAD), x_t[:, :-1]], 1)
         nxt = torch.cat([x_t[:, 1:], torch.full_like(x_t[:, :1], PAD)], 1)
         return self.left[prev] + self.right[nxt] + 0.1 * sigma.float()[:, None, None]
@@ -168,7 +169,7 @@ def test_pad_tail_is_not_scored():
     assert r["bytes"] == int(table.stream_bytes(val).sum())
     # bits of the full slices alone are identical when the tail slice is dropped (draws are per slice)
     head = evaluate(model, val, table, cfg, steps=4, num_seqs=3, seed=0, device=CPU)["strict"]
-    slices = make_slices(val, cfg.seq_len, 0, table, cfg.pad_id)
+    slices = make_slices(val, cfg.seq_len, 0, table, cfg.tokens.pad)
     per_slice = elbo_bits(model, slices, "strict", 4, cfg.noise_eps, V, 0, 16, CPU)
     terminal = float(elbo_grid(4, cfg.noise_eps)[-1]) * math.log2(V)
     assert head["bits"] == pytest.approx(per_slice[:3].sum() + terminal * 3 * cfg.seq_len, rel=1e-12)
@@ -224,10 +225,10 @@ def test_real_model_bits_are_batch_invariant():
     """The real transformer: batching changes only float rounding, not the masks."""
     torch.manual_seed(0)
     cfg = small_cfg(elbo_steps=4)
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     nn.init.normal_(model.head.weight, std=0.5)  # non-uniform, context-dependent predictions
     val = synthetic_val(3 * cfg.seq_len, zipf_unigram())
-    slices = make_slices(val, cfg.seq_len, 0, synthetic_byte_table(), cfg.pad_id)
+    slices = make_slices(val, cfg.seq_len, 0, synthetic_byte_table(), cfg.tokens.pad)
     a = elbo_bits(model.eval(), slices, "strict", 4, cfg.noise_eps, V, 0, 12, CPU)
     b = elbo_bits(model, slices, "strict", 4, cfg.noise_eps, V, 0, 5, CPU)
     c = elbo_bits(model, slices, "strict", 4, cfg.noise_eps, V, 1, 12, CPU)
@@ -244,7 +245,7 @@ def test_fresh_model_is_uniform_and_scores_log2_vocab_bits():
     torch.manual_seed(0)
     steps, seed = 16, 4
     cfg = small_cfg(elbo_steps=steps)
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     x_t = torch.randint(0, V + 2, (3, cfg.seq_len))
     nll = masked_nll(model(x_t, torch.tensor([0.0, 1.0, 5.0])), x_t.clamp(max=V - 1), Tokens(V))
     torch.testing.assert_close(nll, torch.full_like(nll, math.log(V)), rtol=1e-6, atol=0)
@@ -254,12 +255,12 @@ def test_fresh_model_is_uniform_and_scores_log2_vocab_bits():
                        device=CPU)
     a = elbo_grid(steps, cfg.noise_eps)
     w = reveal_weights(steps, cfg.noise_eps)
-    slices = make_slices(val, cfg.seq_len, 0, synthetic_byte_table(), cfg.pad_id)
+    slices = make_slices(val, cfg.seq_len, 0, synthetic_byte_table(), cfg.tokens.pad)
     for mode, r in results.items():
         n = r["tokens"]
         assert n == (val.size if mode == "strict" else int((val != BOS_ID).sum()))
         # the realized weighted mask count: what the bits must be for a uniform model
-        scored = torch.from_numpy(slices.tokens != cfg.pad_id)
+        scored = torch.from_numpy(slices.tokens != cfg.tokens.pad)
         if mode == "anchored":
             scored &= torch.from_numpy(slices.tokens != BOS_ID)
         weighted = 0.0

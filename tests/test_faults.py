@@ -293,6 +293,21 @@ def test_resume_with_a_different_model_config(checkpointed_run, data_dir, tmp_pa
     assert [r["step"] for r in records(run)] == [1, 2, 3, 4]
 
 
+def test_resume_beside_out_is_the_users_own_command(checkpointed_run, data_dir, tmp_path, capsys):
+    """`train --resume R --out R` (the command that started the run, --resume added) continues the run;
+    --out naming another folder stays a one-line refusal that names it, and changes nothing."""
+    run = copy_run(checkpointed_run, tmp_path / "S")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--out", str(tmp_path / "other"), "--data", str(data_dir)]) == 2
+    assert f"--out {tmp_path / 'other'}" in one_line_error(capsys, "train")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before and not (tmp_path / "other").exists()
+    same = tmp_path / "x" / ".." / "S"  # spelled differently, the same folder
+    assert main(["train", "--resume", str(run), "--out", str(same), "--data", str(data_dir), "--steps", "4",
+                 "--no-eval"]) == 0
+    assert [r["step"] for r in records(run)] == [1, 2, 3, 4]
+
+
 def test_resume_from_a_truncated_or_missing_checkpoint(checkpointed_run, data_dir, tmp_path, capsys):
     run = copy_run(checkpointed_run, tmp_path / "T")
     truncate(run / "checkpoint.pt")

@@ -407,7 +407,7 @@ def interrupt_at(monkeypatch, step: int, times: int) -> None:
 
     def ctrl_c(*args, **kwargs):
         loss = original(*args, **kwargs)
-        if args[5] == step:
+        if args[6] == step:
             for _ in range(times):
                 os.kill(os.getpid(), signal.SIGINT)
         return loss

@@ -24,10 +24,10 @@ from mdlm_golf.checkpoint import (
 )
 from mdlm_golf.config import build_config
 from mdlm_golf.data.shards import write_shard
-from mdlm_golf.eval.elbo import evaluate
+from mdlm_golf.eval import evaluate
 from mdlm_golf.files import atomic_path, write_bytes_atomic
 from mdlm_golf.data.loader import ShardedLoader
-from mdlm_golf.model import MDLM
+from mdlm_golf.model import Transformer
 from mdlm_golf.train.optim import WeightEMA, build_optimizer
 
 CPU = torch.device("cpu")
@@ -37,11 +37,11 @@ def tiny(**overrides):
     return build_config("tiny", environ={}, overrides=overrides)
 
 
-def tiny_model(cfg=None, seed: int = 0) -> MDLM:
+def tiny_model(cfg=None, seed: int = 0) -> Transformer:
     """A tiny MDLM with every weight nonzero (the head starts at zero)."""
     cfg = cfg or tiny()
     torch.manual_seed(seed)
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -157,20 +157,20 @@ def test_full_training_state_loads_weights_only(tmp_path):
     ema.update()
     for i in range(2):
         write_shard(tmp_path / f"fineweb_train_00000{i}.bin", np.arange(3000, dtype=np.uint16) % 1000)
-    loader = ShardedLoader(str(tmp_path / "fineweb_train_*.bin"), cfg.seq_len, cfg.layout, cfg.pad_id,
+    loader = ShardedLoader(str(tmp_path / "fineweb_train_*.bin"), cfg.seq_len, cfg.layout, cfg.tokens.pad,
                            cfg.vocab_size, cfg.seed, shards_per_group=1)
     path, rng = tmp_path / "checkpoint.pt", torch.get_rng_state()
     save_checkpoint(path, model, cfg, step=1, train_seconds=0.5, world_size=1, optimizer=optimizer.state_dict(),
                     loader=loader.state_dict(), ema=ema.state_dict(), rng={"torch": rng}, tokenizer="tok.model")
     state = read_checkpoint(path)
     assert set(state["optimizer"]) == {"adamw", "muon"} and state["ema"]["updates"] == 1
-    build_optimizer(MDLM(cfg), cfg, CPU).load_state_dict(state["optimizer"])
+    build_optimizer(Transformer(cfg), cfg, CPU).load_state_dict(state["optimizer"])
     loader.load_state_dict(state["loader"])
     loader.close()
     assert torch.equal(state["rng"]["torch"], rng)
 
 
-def int8_tensors(model: MDLM) -> list[QuantTensor]:
+def int8_tensors(model: Transformer) -> list[QuantTensor]:
     """The model's weights in int8 as the export stores them (block matrices too: small_numel 1000)."""
     return spec_quantizer(model.state_dict(), model.cfg, small_numel=1000)("int8")
 

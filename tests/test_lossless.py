@@ -16,7 +16,7 @@ from mdlm_golf.coder import (CoderError, Header, apply_edits, compress_file, dec
                              split_input, text_tokens, unpack_edits)
 from mdlm_golf.config import build_config
 from mdlm_golf.data import load_tokenizer
-from mdlm_golf.model import MDLM
+from mdlm_golf.model import Transformer
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "fineweb_1024_bpe.model"  # the challenge's, copied
 PARAGRAPH = (
@@ -48,7 +48,7 @@ def cfg():
 @pytest.fixture(scope="module")
 def model(cfg):
     torch.manual_seed(0)
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     for param in model.parameters():  # perturbed: context-dependent predictions, not all zeros
         nn.init.normal_(param, std=0.1)
     return model.eval()
@@ -176,7 +176,7 @@ def test_cli_round_trips_any_file_and_reports_on_stderr(tmp_path, cfg, capsys):
     run = tmp_path / "run"
     run.mkdir()
     torch.manual_seed(1)
-    save_checkpoint(run_checkpoint(run), MDLM(cfg), cfg, tokenizer=str(TOKENIZER))
+    save_checkpoint(run_checkpoint(run), Transformer(cfg), cfg, tokenizer=str(TOKENIZER))
     src, packed, out = tmp_path / "in.bin", tmp_path / "in.mdz", tmp_path / "out.bin"
     data = b"line one\nline_two\t\xff\xfe\n\ncaf\xc3\xa9 \xf0\x9f\x8e\x89\n"
     src.write_bytes(data)

@@ -6,8 +6,9 @@ import dataclasses
 import torch
 
 from mdlm_golf.config import BOS_ID, Tokens, build_config
-from mdlm_golf.diffusion import Noise, diffusion_loss
-from mdlm_golf.model import MDLM, document_ids
+from mdlm_golf.diffusion import Noise
+from mdlm_golf.objective import diffusion_loss
+from mdlm_golf.model import Transformer, document_ids
 
 SEQ = 32
 DOC_LENGTHS = [[10, 12, 10], [16, 9, 7], [32]]  # three packed rows, each exactly full
@@ -23,10 +24,10 @@ def make_docs(generator: torch.Generator) -> list[torch.Tensor]:
     return docs
 
 
-def trained_like_model() -> tuple[MDLM, Tokens]:
+def trained_like_model() -> tuple[Transformer, Tokens]:
     cfg = build_config("tiny", environ={}, overrides={"seq_len": SEQ})
     torch.manual_seed(0)
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     for p in model.parameters():  # adaLN-zero and the zero head would hide any difference
         torch.nn.init.normal_(p, std=0.2)
     return model.eval(), Tokens(cfg.vocab_size)
@@ -72,7 +73,7 @@ def test_packed_layout_loss_equals_padded_layout_loss():
     torch.testing.assert_close(out_packed.weighted_sum, out_padded.weighted_sum, rtol=1e-5, atol=1e-4)
 
     # and the masking matters: full attention across the packed documents changes the loss
-    streaming = MDLM(dataclasses.replace(model.cfg, layout="stream")).eval()
+    streaming = Transformer(dataclasses.replace(model.cfg, layout="stream")).eval()
     streaming.load_state_dict(model.state_dict())
     with torch.no_grad():
         leaky = diffusion_loss(streaming, packed, tokens, 1e-3, "stream",

@@ -12,21 +12,16 @@ from torch import nn
 from mdlm_golf.config import BOS_ID, Tokens, build_config
 from mdlm_golf.diffusion import subs_log_probs
 from mdlm_golf.eval.harness import make_slices, scored_positions
-from mdlm_golf.model import MDLM
-from mdlm_golf.eval.planned import (ORDERS, Schedule, evaluate_planned, format_planned_result, masked_start,
-                               planned_bits, run_planned)
+from mdlm_golf.model import Transformer
+from mdlm_golf.eval import evaluate
+from mdlm_golf.eval.planned import (ORDERS, Schedule, format_planned_result, masked_start, planned_bits,
+                                    run_planned)
 
 V = 1024
 TOKENS = Tokens(V)
 PAD, MASK = TOKENS.pad, TOKENS.mask
 CPU = torch.device("cpu")
 EPS = 1e-3
-
-
-
-
-
-
 
 
 class Recorder(nn.Module):
@@ -37,13 +32,9 @@ class Recorder(nn.Module):
         self.model = model
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def forward(self, x_t, sigma):
+    def forward(self, x_t, sigma, clean=None):
         self.calls.append((x_t.clone(), sigma.clone()))
         return self.model(x_t, sigma)
-
-
-
-
 
 
 def small_cfg(**overrides):
@@ -52,10 +43,10 @@ def small_cfg(**overrides):
     return build_config("tiny", environ={}, overrides=values)
 
 
-def tiny_model(seed: int = 0) -> MDLM:
+def tiny_model(seed: int = 0) -> Transformer:
     """The tiny transformer with every weight perturbed: context- and sigma-dependent predictions."""
     torch.manual_seed(seed)
-    model = MDLM(small_cfg())
+    model = Transformer(small_cfg())
     for param in model.parameters():
         nn.init.normal_(param, std=0.2)
     nn.init.normal_(model.head.weight, std=0.5)
@@ -217,12 +208,12 @@ def test_schedule_counts():
                                                    (dict(tokens_per_pass=10), 7)])
 def test_network_evaluations_per_slice_equal_the_passes(schedule, full_passes):
     """A full slice takes exactly P (or ceil(L / m)) forwards; the short last slice (5 tokens) drops
-    out after its own schedule; evaluate_planned reports both."""
+    out after its own schedule; evaluate reports both."""
     p = zipf_unigram()
     model = Recorder(UnigramDenoiser(p))
     cfg = small_cfg()
     val = synthetic_val(3 * 64 + 5, p, seed=7)
-    results = evaluate_planned(model, val, synthetic_byte_table(), cfg, order="confidence", num_seqs=0,
+    results = evaluate(model, val, synthetic_byte_table(), cfg, method="planned", order="confidence", num_seqs=0,
                                modes=("strict",), device=CPU, **schedule)
     short = len(Schedule(**schedule).counts(5))
     per_slice = [full_passes] * 3 + [short]
@@ -236,15 +227,15 @@ def test_network_evaluations_per_slice_equal_the_passes(schedule, full_passes):
 
 # ---------------------------------------------------------------- the evaluation record
 
-def test_evaluate_planned_fields_bytes_and_determinism():
+def test_planned_evaluation_fields_bytes_and_determinism():
     p = zipf_unigram(1)
     cfg = small_cfg()
     val = synthetic_val(5 * 64 + 9, p, seed=1)
     table = synthetic_byte_table(1)
     model = tiny_model(2).train()
-    results = evaluate_planned(model, val, table, cfg, order="margin", passes=8, num_seqs=0, device=CPU)
+    results = evaluate(model, val, table, cfg, method="planned", order="margin", passes=8, num_seqs=0, device=CPU)
     assert model.training  # restored
-    again = evaluate_planned(model, val, table, cfg, order="margin", passes=8, num_seqs=0, device=CPU)
+    again = evaluate(model, val, table, cfg, method="planned", order="margin", passes=8, num_seqs=0, device=CPU)
     n_bos = int((val == BOS_ID).sum())
     for mode, r in results.items():
         assert r["method"] == "planned" and r["order"] == "margin" and r["mode"] == mode
@@ -257,7 +248,7 @@ def test_evaluate_planned_fields_bytes_and_determinism():
         assert r["num_seqs"] == 6 and r["seq_len"] == 64
         assert r["bits"] == again[mode]["bits"]  # nothing random
         assert "exact planned-order code length" in format_planned_result(r)
-    first2 = evaluate_planned(model, val, table, cfg, order="margin", passes=8, num_seqs=2, device=CPU)
+    first2 = evaluate(model, val, table, cfg, method="planned", order="margin", passes=8, num_seqs=2, device=CPU)
     assert first2["strict"]["num_seqs"] == 2 and first2["strict"]["tokens"] == 128
 
 
@@ -274,9 +265,8 @@ def test_batch_rows_change_rounding_only():
 
 def test_bad_order_is_a_value_error():
     with pytest.raises(ValueError, match="order must be one of"):
-        evaluate_planned(UnigramDenoiser(zipf_unigram()), synthetic_val(64, zipf_unigram()),
-                         synthetic_byte_table(), small_cfg(), order="random", passes=4, num_seqs=0,
-                         device=CPU)
+        evaluate(UnigramDenoiser(zipf_unigram()), synthetic_val(64, zipf_unigram()), synthetic_byte_table(),
+                 small_cfg(), method="planned", order="random", passes=4, num_seqs=0, device=CPU)
 
 
 # ---------------------------------------------------------------- two processes
@@ -288,7 +278,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     p = zipf_unigram(2)
     val = synthetic_val(5 * 64 + 3, p, seed=9)
-    results = evaluate_planned(tiny_model(4), val, synthetic_byte_table(), small_cfg(), order="confidence",
+    results = evaluate(tiny_model(4), val, synthetic_byte_table(), small_cfg(), method="planned", order="confidence",
                                tokens_per_pass=9, num_seqs=0, device=CPU)
     if rank == 0:
         torch.save(results, out_file)
@@ -301,9 +291,8 @@ def test_two_gloo_ranks_give_the_single_process_figure(tmp_path):
     out = tmp_path / "two.pt"
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     two = torch.load(out, weights_only=False)
-    one = evaluate_planned(tiny_model(4), synthetic_val(5 * 64 + 3, zipf_unigram(2), seed=9),
-                           synthetic_byte_table(), small_cfg(), order="confidence", tokens_per_pass=9,
-                           num_seqs=0, device=CPU)
+    one = evaluate(tiny_model(4), synthetic_val(5 * 64 + 3, zipf_unigram(2), seed=9), synthetic_byte_table(),
+                   small_cfg(), method="planned", order="confidence", tokens_per_pass=9, num_seqs=0, device=CPU)
     for mode in one:
         assert two[mode]["world_size"] == 2 and two[mode]["num_seqs"] == one[mode]["num_seqs"] == 6
         for key in ("tokens", "bytes", "network_evals"):

@@ -11,7 +11,7 @@ from mdlm_golf.artifact.quant import FORMAT_BITS, GROUPS, param_group, parse_spe
 from mdlm_golf.checkpoint import save_checkpoint
 from mdlm_golf.config import build_config
 from mdlm_golf.files import write_bytes_atomic
-from mdlm_golf.model import MDLM
+from mdlm_golf.model import Transformer
 from test_artifact import checkpoint, trained_like  # noqa: F401 (checkpoint is a fixture)
 
 SMALL = 1000  # small_numel low enough that the tiny model's block matrices get quantized too
@@ -54,7 +54,7 @@ def test_auto_picks_first_spec_that_fits(tmp_path, checkpoint):
     assert f"quant auto chose {expected} (tried: int8 {totals['int8']:,}" in format_size_table(report)
     model, _, meta = load_artifact(out)
     assert meta["spec"] == expected and out.stat().st_size == report["artifact_bytes"]
-    assert isinstance(model, MDLM)
+    assert isinstance(model, Transformer)
 
 
 def test_auto_oversize(tmp_path, checkpoint):
@@ -100,7 +100,7 @@ def test_export_model_without_time_cond(tmp_path):
     """Without time conditioning the adaln group holds the learned constant modulations (small: fp16)."""
     cfg = build_config("tiny", environ={}, overrides={"time_cond": False})
     torch.manual_seed(0)
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     adaln = {k for k in model.state_dict() if param_group(k) == "adaln"}
     assert adaln == {f"blocks.{i}.modulation" for i in range(cfg.num_layers)} | {"final_modulation"}
     with torch.no_grad():

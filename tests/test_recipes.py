@@ -18,9 +18,10 @@ from mdlm_golf.artifact.size import LIMIT_BYTES
 from mdlm_golf.checkpoint import save_checkpoint
 from mdlm_golf.cli import main
 from mdlm_golf.config import BOS_ID, Tokens, build_config
-from mdlm_golf.diffusion import Noise, diffusion_loss
-from mdlm_golf.eval.elbo import evaluate
-from mdlm_golf.model import MDLM, document_ids, document_mask
+from mdlm_golf.diffusion import Noise
+from mdlm_golf.objective import diffusion_loss
+from mdlm_golf.eval import evaluate
+from mdlm_golf.model import Transformer, document_ids, document_mask
 from mdlm_golf.train.optim import Muon, WeightEMA, lr_factor
 from mdlm_golf.sampling import generate
 from mdlm_golf.submission import script_bytes
@@ -33,7 +34,7 @@ def tiny(**overrides):
     return build_config("tiny", environ={}, overrides=overrides)
 
 
-def perturbed(model: MDLM, seed: int = 0) -> MDLM:
+def perturbed(model: Transformer, seed: int = 0) -> Transformer:
     """A model whose head is not zero, so its predictions depend on the input."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -54,7 +55,7 @@ def data_dir(tmp_path_factory, shared_docs_path, shared_tokenizer_path) -> Path:
 def test_ar_eval_equals_a_direct_chain_rule_computation():
     cfg = tiny(objective="ar", eval_batch_rows=3)
     torch.manual_seed(0)
-    model = perturbed(MDLM(cfg))
+    model = perturbed(Transformer(cfg))
     val = synthetic_val(7 * cfg.seq_len + 5, zipf_unigram(), seed=1)
     table = synthetic_byte_table()
     result = evaluate(model, val, table, cfg, steps=1, num_seqs=5, seed=0)["ar"]
@@ -75,7 +76,7 @@ def test_ar_eval_equals_a_direct_chain_rule_computation():
 
 def test_ar_model_is_causal_and_unconditioned():
     cfg = tiny(objective="ar", time_cond=True)  # an AR model never sees a noise level
-    model = perturbed(MDLM(cfg))
+    model = perturbed(Transformer(cfg))
     assert model.noise is None and all(b.adaln is None for b in model.blocks)
     assert all(b.modulation is not None for b in model.blocks)  # the same blocks as time_cond false
     x = torch.randint(4, cfg.vocab_size, (2, 20))
@@ -89,7 +90,7 @@ def test_ar_model_is_causal_and_unconditioned():
 
 def test_ar_samples_left_to_right_and_stop_at_a_document_boundary():
     cfg = tiny(objective="ar")
-    model = perturbed(MDLM(cfg), seed=3)
+    model = perturbed(Transformer(cfg), seed=3)
     first = generate(model, cfg, num=3, length=40, steps=1, seed=5)
     again = generate(model, cfg, num=3, length=40, steps=1, seed=5)
     assert first.rows == again.rows  # a seed fixes the samples
@@ -102,17 +103,10 @@ def test_ar_samples_left_to_right_and_stop_at_a_document_boundary():
         assert torch.isfinite(torch.log_softmax(logits, -1).gather(-1, row[1:, None])).all()
 
 
-def test_planned_decoding_refuses_an_ar_model(tmp_path):
-    from mdlm_golf.coder import compress_tokens
-
-    cfg = tiny(objective="ar")
-    with pytest.raises(ValueError, match="needs an MDLM"):
-        compress_tokens(MDLM(cfg), cfg, [BOS_ID, 5, 6])
-
-
 def test_an_ar_run_goes_through_export_artifact_eval_and_sample(data_dir, tmp_path, capsys):
     """The AR yardstick ships like an MDLM: the artifact's eval is the exact chain rule on the same
-    windows (int8 costs almost nothing) and it samples left to right from the artifact."""
+    windows (int8 costs almost nothing), it samples left to right from the artifact, and it compresses
+    (left to right, its own order by default)."""
     run, artifact = tmp_path / "AR", tmp_path / "ar.mdz"
     assert main(["train", "--data", str(data_dir), "--out", str(run), "--preset", "tiny", "--objective", "ar",
                  "--steps", "30", "--eval-num-seqs", "4", "--log-every", "30"]) == 0
@@ -128,6 +122,13 @@ def test_an_ar_run_goes_through_export_artifact_eval_and_sample(data_dir, tmp_pa
     assert main(["sample", "--artifact", str(artifact), "--length", "24", "--num", "2", "--seed", "1"]) == 0
     out = capsys.readouterr()
     assert out.out.strip() and "Traceback" not in out.err
+    text = tmp_path / "text.txt"  # every command takes every kind: compress codes it left to right
+    text.write_bytes("An AR model compresses left to right, in the evaluator's windows. Zoë.".encode())
+    assert main(["compress", "--run", str(run), str(text), str(tmp_path / "t.mdz")]) == 0
+    assert main(["decompress", "--run", str(run), str(tmp_path / "t.mdz"), str(tmp_path / "back.txt")]) == 0
+    assert (tmp_path / "back.txt").read_bytes() == text.read_bytes()
+    assert main(["compress", "--run", str(run), "--order", "margin", str(text), str(tmp_path / "u.mdz")]) == 2
+    assert "left to right" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- levers
@@ -166,7 +167,7 @@ def test_muon_step_equals_the_reference_formula(shape):
 
 def test_time_cond_false_drops_exactly_the_adaln_parameters():
     cfg = build_config(environ={})  # the reference shape
-    with_cond, without = MDLM(cfg).num_params(), MDLM(dataclasses.replace(cfg, time_cond=False)).num_params()
+    with_cond, without = Transformer(cfg).num_params(), Transformer(dataclasses.replace(cfg, time_cond=False)).num_params()
     d, c, layers = cfg.model_dim, cfg.cond_dim, cfg.num_layers
     noise_mlp = (256 * c + c) + (c * c + c)
     adaln = layers * (c * 6 * d + 6 * d) + (c * 2 * d + 2 * d)
@@ -186,7 +187,7 @@ def test_with_every_bos_masked_attention_is_full():
 def test_a_masked_bos_does_not_leak_through_attention():
     """Two rows that differ only in where their (masked) BOS was see the same x_t: same predictions."""
     cfg = tiny(anchor_mask_prob=1.0)
-    model = perturbed(MDLM(cfg))
+    model = perturbed(Transformer(cfg))
     seen = []
     forward = model.forward
     model.forward = lambda x_t, sigma=None, doc_ids=None: seen.append(forward(x_t, sigma, doc_ids)) or seen[-1]
@@ -230,7 +231,7 @@ def test_ema_and_muon_resume_exactly(data_dir, shared_tokenizer_path, tmp_path, 
     original = mdlm_golf.train.loop.train_step
 
     def crash_at_step_5(*args, **kwargs):
-        if args[5] == 5:
+        if args[6] == 5:
             raise RuntimeError("simulated crash")
         return original(*args, **kwargs)
 
@@ -241,7 +242,7 @@ def test_ema_and_muon_resume_exactly(data_dir, shared_tokenizer_path, tmp_path, 
     train(cfg, data_dir, tmp_path / "RUN", shared_tokenizer_path, run_eval=False, resume=True, device=CPU)
     train(cfg, data_dir, tmp_path / "REF", shared_tokenizer_path, run_eval=False, device=CPU)
     got, want = torch.load(tmp_path / "RUN" / "model.pt"), torch.load(tmp_path / "REF" / "model.pt")
-    live = MDLM(cfg).state_dict()
+    live = Transformer(cfg).state_dict()
     for name, tensor in want["model"].items():
         assert torch.equal(got["model"][name], tensor), name
     assert set(want["model"]) == set(live)
@@ -282,7 +283,7 @@ def test_record_preset_default_export_fits(tmp_path):
     larger for any spec, so if this fits, the default export fits at a spec at least as precise."""
     cfg = build_config("record", environ={})
     torch.manual_seed(0)
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     with torch.no_grad():  # trained-like: the zero-initialized head would compress to nothing
         model.head.weight.normal_(std=0.02)
     save_checkpoint(tmp_path / "model.pt", model, cfg)

@@ -5,6 +5,8 @@ which steps vote, where a capped run stops and the lr it sets are exact numbers.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 import subprocess
@@ -19,10 +21,10 @@ from conftest import clean_env, small_data
 import mdlm_golf.train.control
 import mdlm_golf.train.loop
 from mdlm_golf.config import build_config
-from mdlm_golf.model import MDLM
+from mdlm_golf.model import Transformer
 from mdlm_golf.train.loop import train
 from mdlm_golf.train.optim import lr_factor
-from mdlm_golf.train.runlog import flops_per_token, peak_flops, step_line
+from mdlm_golf.train.runlog import peak_flops, step_line
 
 CPU = torch.device("cpu")
 STEP_SECONDS = 0.125  # a binary fraction: sums of it are exact
@@ -124,7 +126,9 @@ def test_flops_per_token_and_peaks(monkeypatch):
     cfg = tiny()
     d, layers = cfg.model_dim, cfg.num_layers
     matmul = layers * (4 * d * d + 2 * cfg.mlp_mult * d * d) + d * cfg.embed_rows  # qkv, proj, MLP; head
-    assert flops_per_token(cfg, MDLM(cfg)) == 6 * matmul + 12 * layers * d * cfg.seq_len
+    assert Transformer(cfg).flops_per_token() == 6 * matmul + 12 * layers * d * cfg.seq_len
+    block = dataclasses.replace(cfg, block_size=8)  # [x_t ; x_0]: twice the positions, attention over 2L
+    assert Transformer(block).flops_per_token() == 2 * (6 * matmul + 12 * layers * d * 2 * cfg.seq_len)
     assert peak_flops(CPU) is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert peak_flops(torch.device("cuda", 0)) == 989e12

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from mdlm_golf.config import BOS_ID, EOS_ID, Tokens, build_config
-from mdlm_golf.model import MDLM
+from mdlm_golf.model import Transformer
 from mdlm_golf.sampling import SAMPLERS, decode_rows, generate, live_widths, run_network
 
 CFG = build_config("tiny", environ={})
 V = CFG.vocab_size
-MASK, PAD = CFG.mask_id, CFG.pad_id
+MASK, PAD = CFG.tokens.mask, CFG.tokens.pad
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,11 +27,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def model() -> MDLM:
+def model() -> Transformer:
     """The tiny MDLM with non-zero head and adaLN weights: contextual, time-dependent, far from uniform
     (about 5 nats of entropy, top token ~0.1) yet diverse enough that samples differ."""
     torch.manual_seed(0)
-    model = MDLM(CFG)
+    model = Transformer(CFG)
     with torch.no_grad():
         nn.init.normal_(model.head.weight, std=0.3)
         nn.init.normal_(model.embed.weight, std=1.0)
@@ -49,7 +49,7 @@ class Boost(nn.Module):
         self.inner, self.token, self.position, self.amount = inner, token, position, amount
         self.inputs: list[torch.Tensor] = []
 
-    def forward(self, x_t, sigma, doc_ids=None):
+    def forward(self, x_t, sigma, clean=None, doc_ids=None):
         self.inputs.append(x_t.clone())
         logits = self.inner(x_t, sigma, doc_ids).clone()
         if x_t.size(1) > self.position:
@@ -69,7 +69,7 @@ class NoBoundary(nn.Module):
     def masked(self) -> list[list[int]]:
         return [(x == MASK).sum(1).tolist() for x in self.inputs]
 
-    def forward(self, x_t, sigma, doc_ids=None):
+    def forward(self, x_t, sigma, clean=None, doc_ids=None):
         self.inputs.append(x_t.clone())
         logits = self.inner(x_t, sigma, doc_ids).clone()
         logits[..., [BOS_ID, EOS_ID]] = -1e4
@@ -86,7 +86,7 @@ class PositionTable(nn.Module):
         table[:, [MASK, PAD]] = 1e4  # SUBS must suppress them
         self.register_buffer("table", table)
 
-    def forward(self, x_t, sigma, doc_ids=None):
+    def forward(self, x_t, sigma, clean=None, doc_ids=None):
         return self.table[: x_t.size(1)].expand(x_t.size(0), -1, -1)
 
 
@@ -215,7 +215,7 @@ def test_tiny_top_p_is_greedy(sampler):
 class TwoTokens(nn.Module):
     """Everywhere p(10) = 0.8, p(11) = 0.2, everything else impossible."""
 
-    def forward(self, x_t, sigma, doc_ids=None):
+    def forward(self, x_t, sigma, clean=None, doc_ids=None):
         logits = torch.full((*x_t.shape, V + 2), -1e4)
         logits[..., 10], logits[..., 11] = math.log(0.8), math.log(0.2)
         return logits

@@ -110,38 +110,59 @@ def block_attention_mask(doc_ids: torch.Tensor | None, length: int, block: int, 
     return mask
 
 
+def cached_attention_mask(cache: "KVCache", x_block: torch.Tensor, layout: str, pad_id: int,
+                          causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bool mask [B, 1, n, T + n], document numbers [B, T + n]) of a block [B, n] placed after the
+    cache's T positions: a position sees the cached and block positions of its own document (visible
+    BOS tokens start one; the stream layout has one document), never a PAD of the block, and with
+    `causal` nothing after itself."""
+    batch, n = x_block.shape
+    past = cache.docs if cache.docs is not None else x_block.new_zeros(batch, 0)
+    last = past[:, -1:] if past.size(1) else x_block.new_zeros(batch, 1)
+    opened = (x_block == BOS_ID).long() if layout != "stream" else torch.zeros_like(x_block)
+    docs = torch.cat([past, last + torch.cumsum(opened, 1)], 1)
+    keys_valid = torch.cat([torch.ones_like(past, dtype=torch.bool), x_block != pad_id], 1)
+    mask = (docs[:, None, :] == docs[:, -n:, None]) & keys_valid[:, None, :]
+    if causal:
+        mask &= torch.ones(n, docs.size(1), dtype=torch.bool, device=x_block.device).tril(docs.size(1) - n)
+    return mask[:, None], docs
+
+
 class LayerCache:
     """One layer's keys and values [B, H, T, head_dim] of the positions already cached."""
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
-        self.keys, self.values, self.store = keys, values, False
+        self.keys, self.values = keys, values
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached keys and values followed by these; kept when storing."""
+    def extend(self, k: torch.Tensor, v: torch.Tensor, store: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys and values followed by these; kept in the cache when `store`."""
         if self.keys is not None:
             k, v = torch.cat([self.keys, k], 2), torch.cat([self.values, v], 2)
-        if self.store:
+        if store:
             self.keys, self.values = k, v
         return k, v
 
 
 class KVCache:
-    """The clean past of block sampling, per layer: each finished block runs once (clean, sigma 0) to
-    append its keys and values, and is never recomputed."""
+    """The clean past, per layer, and the document number of each cached position: each clean block
+    (block sampling) or token (AR coding) is run once to append its keys and values, never recomputed."""
 
-    def __init__(self, num_layers: int, length: int = 0, layers: list[LayerCache] | None = None):
-        self.length = length
+    def __init__(self, num_layers: int, layers: list[LayerCache] | None = None, docs: torch.Tensor | None = None):
         self.layers = layers if layers is not None else [LayerCache() for _ in range(num_layers)]
+        self.docs = docs  # [B, T] document numbers of the cached positions; None while empty
 
-    def storing(self, store: bool) -> list[LayerCache]:
-        """The layers, set to append (store) or only read what they hold, for one forward."""
-        for layer in self.layers:
-            layer.store = store
-        return self.layers
+    @property
+    def length(self) -> int:
+        """Positions cached."""
+        return 0 if self.docs is None else self.docs.size(1)
+
+    def append(self, docs: torch.Tensor) -> None:
+        """Record the documents [B, T + n] of the positions the layers now hold (after a storing forward)."""
+        self.docs = docs
 
     def rows(self, index: torch.Tensor) -> "KVCache":
-        """A read-only cache of some rows (the rows a sampling step runs)."""
-        if self.length == 0:
+        """A cache of some rows (the rows a sampling step runs), to read from."""
+        if self.docs is None:
             return KVCache(len(self.layers))
-        return KVCache(len(self.layers), self.length,
-                       [LayerCache(layer.keys[index], layer.values[index]) for layer in self.layers])
+        return KVCache(len(self.layers), [LayerCache(layer.keys[index], layer.values[index]) for layer in self.layers],
+                       self.docs[index])

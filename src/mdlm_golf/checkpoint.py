@@ -17,7 +17,7 @@ import torch
 
 from .config import Config, config_from_dict
 from .files import atomic_path
-from .model import MDLM
+from .model import Transformer
 
 FORMAT = "mdlm-golf-checkpoint-v1"  # the layout of the saved dict
 SEAL = b"mdlm-golf-checkpoint-v2 sha256:"  # the container: torch's zip with a checksum comment
@@ -58,7 +58,7 @@ def seal_file(path: Path) -> None:
         f.write(SEAL + digest)
 
 
-def save_checkpoint(path: Path, model: MDLM, cfg: Config, **extra) -> None:
+def save_checkpoint(path: Path, model: Transformer, cfg: Config, **extra) -> None:
     """torch.save to a temporary file, seal it, then rename: a crash mid-write keeps the previous file."""
     path = Path(path)
     state = {"format": FORMAT, "config": cfg.to_dict(), "model": model.state_dict(), **extra}
@@ -128,14 +128,14 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[MDLM, Config, dict]:
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Transformer, Config, dict]:
     """The model, its config and the whole checkpoint dict."""
     state = read_checkpoint(path)
     try:
         cfg = config_from_dict(state["config"], str(path))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad config ({e})") from None
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

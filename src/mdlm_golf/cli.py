@@ -5,6 +5,7 @@ The flags live in cli_parser; every command calls a function of the package.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from .data import ByteTable, DataError, load_split, load_tokenizer, prepare, rea
 from .data.download import download
 from .demo import run_demo
 from .dist import init_distributed, pick_device, shutdown
-from .eval import MODES, evaluate, evaluate_planned, format_planned_result, format_result, projected_seconds
+from .eval import MODES, evaluate, format_planned_result, format_result, projected_seconds
 from .experiments import RECIPES, ablate, parse_recipe, race
 from .files import write_bytes_atomic, write_text_atomic
 from .sampling import decode_rows, generate
@@ -33,10 +34,14 @@ from .train import check_run_dir, resume_config, train
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp\d+$")  # files.atomic_path's temporary of NAME
 
 
-def tokenizer_for(data_dir: Path, given: str | None) -> Path:
-    """--tokenizer if given, else the one prepare recorded in DIR/manifest.json."""
-    if given:
-        return Path(given)
+def tokenizer_path(given: str | None, recorded: str | None = None, data_dir: Path | None = None,
+                   source: str = "the model") -> Path:
+    """The tokenizer a command uses: --tokenizer if given, else the one the run or artifact recorded,
+    else the one prepare recorded in DIR/manifest.json (when the command reads a data folder)."""
+    if given or recorded:
+        return Path(given or recorded)
+    if data_dir is None:
+        raise ValueError(f"{source} records no tokenizer; pass --tokenizer MODEL")
     path = Path(data_dir) / "manifest.json"
     manifest = read_manifest(data_dir)
     if manifest is None:
@@ -46,13 +51,32 @@ def tokenizer_for(data_dir: Path, given: str | None) -> Path:
     return Path(manifest["tokenizer"])
 
 
+def same_path(a: Path, b: Path) -> bool:
+    """Whether two paths name the same folder (`train --resume R --out R`: the user's own command)."""
+    return a.resolve() == b.resolve()
+
+
+def load_scored_model(args: argparse.Namespace, device):
+    """(model, config, checkpoint or artifact metadata) of --artifact (what the entry ships) or --run."""
+    if args.artifact:
+        return load_artifact(Path(args.artifact), device)
+    return load_model(run_checkpoint(Path(args.run)), device)
+
+
 def coder_model(args: argparse.Namespace):
     """The run's model on the CPU (the coder needs bit-identical float32) and its tokenizer."""
     model, cfg, state = load_model(run_checkpoint(Path(args.run)), "cpu")
-    tokenizer = args.tokenizer or state.get("tokenizer")
-    if not tokenizer:
-        raise ValueError(f"{args.run}: the run records no tokenizer; pass --tokenizer MODEL")
-    return model, cfg, load_tokenizer(Path(tokenizer))
+    sp = load_tokenizer(tokenizer_path(args.tokenizer, state.get("tokenizer"), source=str(args.run)))
+    return model, cfg, sp
+
+
+def planned_options(args: argparse.Namespace, cfg, default_passes: int) -> dict:
+    """The decoding order and schedule of `eval --method planned` and `compress`: the flags where given,
+    else the model's own (an AR model: left to right, one token per pass; a diffusion model: confidence
+    order in default_passes passes)."""
+    if cfg.autoregressive and args.passes is None and args.tokens_per_pass is None:
+        return {"order": args.order or "left-to-right", "tokens_per_pass": 1}
+    return {"order": args.order or "confidence", **planned_schedule(args, default_passes)}
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -67,8 +91,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """mdlm-golf train: a new run (--out) or a resumed one (--resume)."""
-    if args.resume and (args.out or args.overwrite):
-        other = f"--out {args.out}" if args.out else "--overwrite"
+    same_folder = bool(args.resume and args.out) and same_path(Path(args.resume), Path(args.out))
+    if args.resume and ((args.out and not same_folder) or args.overwrite):
+        other = f"--out {args.out}" if args.out and not same_folder else "--overwrite"
         raise ValueError(f"--resume {args.resume} continues that run in place; {other} is for a new run: "
                          f"pass one of them")
     if args.resume:
@@ -80,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         check_run_dir(run_dir, args.overwrite)
     else:
         raise ValueError("train needs --out RUN (a new run) or --resume RUN")
-    train(cfg, Path(args.data), run_dir, tokenizer_for(Path(args.data), args.tokenizer),
+    train(cfg, Path(args.data), run_dir, tokenizer_path(args.tokenizer, data_dir=Path(args.data)),
           run_eval=not args.no_eval, resume=bool(args.resume), replace=args.overwrite)
 
 
@@ -89,7 +114,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     base = build_config(args.preset, overrides=config_overrides(args))
     seeds = parse_seeds(args.seeds) if args.seeds else [base.seed]
     ablate(base, args.param.replace("-", "_"), args.values.split(","), seeds, Path(args.data),
-           Path(args.out), tokenizer_for(Path(args.data), args.tokenizer))
+           Path(args.out), tokenizer_path(args.tokenizer, data_dir=Path(args.data)))
 
 
 def cmd_race(args: argparse.Namespace) -> None:
@@ -98,39 +123,30 @@ def cmd_race(args: argparse.Namespace) -> None:
     seeds = parse_seeds(args.seeds)
     names = args.recipes.split(",") if args.recipes else ([] if args.recipe else list(RECIPES))
     recipes = dict(parse_recipe(text) for text in [*names, *(args.recipe or [])])
-    race(base, recipes, seeds, Path(args.data), Path(args.out), tokenizer_for(Path(args.data), args.tokenizer))
+    race(base, recipes, seeds, Path(args.data), Path(args.out), tokenizer_path(args.tokenizer, data_dir=Path(args.data)))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """mdlm-golf eval: bits per byte of a run or an artifact on the val split."""
     env = init_distributed()
-    if args.artifact:
-        model, cfg, state = load_artifact(Path(args.artifact), env.device)  # scores what ships
-    else:
-        model, cfg, state = load_model(run_checkpoint(Path(args.run)), env.device)
-    tokenizer = Path(args.tokenizer or state.get("tokenizer") or tokenizer_for(Path(args.data), None))
+    model, cfg, state = load_scored_model(args, env.device)
+    tokenizer = tokenizer_path(args.tokenizer, state.get("tokenizer"), Path(args.data))
     byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer), cfg.vocab_size)
     val = load_split(Path(args.data), "val", cfg.vocab_size)
     if args.batch_rows is not None:
-        cfg.eval_batch_rows = args.batch_rows
+        cfg = dataclasses.replace(cfg, eval_batch_rows=args.batch_rows)
     # unset flags take the run's own eval settings: the same run gives the same figure both ways
-    steps = cfg.elbo_steps if args.elbo_steps is None else args.elbo_steps
-    num_seqs = cfg.eval_num_seqs if args.num_seqs is None else args.num_seqs
-    seed = cfg.seed if args.seed is None else args.seed
-    modes = MODES if args.mode == "both" else (args.mode,)
+    options = dict(method=args.method, num_seqs=cfg.eval_num_seqs if args.num_seqs is None else args.num_seqs,
+                   modes=MODES if args.mode == "both" else (args.mode,), device=env.device)
     if args.method == "planned":
-        results = evaluate_planned(model, val, byte_table, cfg, order=args.order,
-                                   **planned_schedule(args, DEFAULT_EVAL_PASSES), num_seqs=num_seqs,
-                                   modes=modes, device=env.device)
-        describe = format_planned_result
+        options.update(planned_options(args, cfg, DEFAULT_EVAL_PASSES))
     else:
-        results = evaluate(model, val, byte_table, cfg, steps=steps, num_seqs=num_seqs, seed=seed, modes=modes,
-                           draws=args.draws, grid=args.grid, device=env.device)
-        describe = format_result
+        options.update(steps=args.elbo_steps, seed=args.seed, draws=args.draws, grid=args.grid)
+    results = evaluate(model, val, byte_table, cfg, **options)
     if not env.is_main:
         return
     for r in results.values():
-        print(describe(r))
+        print(format_planned_result(r) if r["method"] == "planned" else format_result(r))
         print(f"         {r['eval_seconds']:.1f}s on {r['world_size']} process(es); the whole split "
               f"({val.size:,} tokens) would take ~{projected_seconds(r, val.size):.0f}s on 8 such devices")
     if args.json:
@@ -144,8 +160,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     except OSError as e:
         raise ValueError(f"{args.input}: cannot read ({e.strerror or e})") from None
     model, cfg, sp = coder_model(args)
-    info = compress_file(model, cfg, sp, data, Path(args.output), order=args.order, mode=args.mode,
-                         **planned_schedule(args, DEFAULT_CODER_PASSES))
+    info = compress_file(model, cfg, sp, data, Path(args.output), mode=args.mode,
+                         **planned_options(args, cfg, DEFAULT_CODER_PASSES))
     rate = f"{info['bits_per_byte']:.4f} bits/byte" if info["input_bytes"] else "empty input: no bits/byte"
     print(f"{args.input}: {info['input_bytes']:,} bytes ({info['escaped_bytes']:,} escaped), "
           f"{info['tokens']:,} tokens -> {args.output}: {info['file_bytes']:,} bytes "
@@ -162,7 +178,7 @@ def cmd_decompress(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-
+    """mdlm-golf export: a run's weights -> the quantized, compressed artifact, with its size table."""
     packed = {"packed": True, "bytes": False, "best": None}[args.layout]
     try:  # code bytes: the record script a submission ships (train_mdlm.py), not the package's files
         report = export_artifact(run_checkpoint(Path(args.run)), Path(args.out), args.quant, args.compressor,
@@ -183,7 +199,7 @@ def cmd_submission(args: argparse.Namespace) -> None:
     """mdlm-golf submission: score the artifact and write a record folder."""
     device = pick_device()
     model, cfg, meta = load_artifact(Path(args.artifact), device)
-    tokenizer = Path(args.tokenizer or meta.get("tokenizer") or tokenizer_for(Path(args.data), None))
+    tokenizer = tokenizer_path(args.tokenizer, meta.get("tokenizer"), Path(args.data))
     byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer), cfg.vocab_size)
     results = evaluate(model, load_split(Path(args.data), "val", cfg.vocab_size), byte_table, cfg,
                        steps=args.elbo_steps, num_seqs=args.num_seqs, seed=args.seed, device=device)
@@ -211,14 +227,8 @@ def cmd_download(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     """mdlm-golf sample: generate text; the samples go to stdout, the timing to stderr."""
     device = pick_device()
-    if args.artifact:
-        model, cfg, meta = load_artifact(Path(args.artifact), device)
-    else:
-        model, cfg, meta = load_model(run_checkpoint(Path(args.run)), device)
-    tokenizer = args.tokenizer or meta.get("tokenizer")
-    if not tokenizer:
-        raise ValueError("the model records no tokenizer; pass --tokenizer MODEL")
-    sp = load_tokenizer(Path(tokenizer))
+    model, cfg, meta = load_scored_model(args, device)
+    sp = load_tokenizer(tokenizer_path(args.tokenizer, meta.get("tokenizer")))
     result = generate(model, cfg, num=args.num, length=args.length, steps=args.steps, sampler=args.sampler,
                       prompt_ids=sp.encode(args.prompt) if args.prompt else None,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=device)
@@ -228,7 +238,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"--- {result.generated_tokens} tokens generated in {result.elapsed:.2f}s: "
           f"{result.tokens_per_s:,.1f} tokens/s | {result.nfe} network evaluations for {args.steps} steps "
           f"(per sample {result.row_nfe}) | {result.positions:,} positions | "
-          f"{'left-to-right (AR)' if cfg.objective == 'ar' else args.sampler} on {device}", file=sys.stderr)
+          f"{'left-to-right (AR)' if cfg.autoregressive else args.sampler} on {device}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

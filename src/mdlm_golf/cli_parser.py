@@ -84,9 +84,10 @@ def parse_seeds(text: str) -> list[int]:
 
 def add_planned_flags(p: argparse.ArgumentParser, default_passes: int) -> None:
     """--order and one of --passes / --tokens-per-pass: the planned-order decoding schedule."""
-    p.add_argument("--order", choices=ORDERS, default="confidence",
+    p.add_argument("--order", choices=ORDERS, default=None,
                    help="which masked positions each pass reveals: the leftmost, or those the model is "
-                        "surest of (highest probability, or largest top1-top2 margin)")
+                        "surest of (highest probability, or largest top1-top2 margin); default confidence "
+                        "(an AR model: left-to-right, one token per pass)")
     schedule = p.add_mutually_exclusive_group()
     schedule.add_argument("--passes", type=POSITIVE, default=None,
                           help=f"network evaluations per slice, spread evenly (default {default_passes}); "

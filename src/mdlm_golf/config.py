@@ -90,9 +90,13 @@ def check_field(name: str, value: Any, kind: type) -> None:
         raise ValueError(f"{name} must be {describe_range(*RANGES[name])}, got {value!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    """Reference configuration (the challenge's seed MDLM); every field is a flag and an env var."""
+    """Reference configuration (the challenge's seed MDLM); every field is a flag and an env var.
+
+    Frozen: a changed config is a new one (dataclasses.replace), so a model, a run and its evaluation
+    never see a field change under them.
+    """
 
     # model
     vocab_size: int = 1024
@@ -124,7 +128,8 @@ class Config:
     anchor_mask_prob: float = 0.0
     time_sampling: str = "antithetic"  # one of TIME_SAMPLINGS: how a batch's diffusion times are drawn
     # block diffusion (BD3-LM): rows are cut into blocks of block_size tokens, each denoised given the
-    # clean blocks before it; 0 = one block per row (the plain MDLM), 1 = autoregressive code lengths
+    # clean blocks before it; 0 = one block per row (the plain MDLM; seq_len is read as 0), 1 =
+    # autoregressive code lengths
     block_size: int = 0
     # data loading
     shards_per_group: int = 2  # train shards held in memory at a time
@@ -142,6 +147,8 @@ class Config:
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.block_size == self.seq_len:  # one block per row is the plain MDLM: one spelling of it
+            object.__setattr__(self, "block_size", 0)
 
     def validate(self) -> None:
         """Every field's type and range, one ValueError naming the field and what it accepts."""
@@ -157,35 +164,23 @@ class Config:
             )
         if self.block_size and (self.block_size > self.seq_len or self.seq_len % self.block_size):
             raise ValueError(f"block_size {self.block_size} must divide seq_len {self.seq_len}")
-        if self.block_size and self.objective != "mdlm":
+        if self.block_size and self.autoregressive:
             raise ValueError("block_size is for objective mdlm (an ar model is causal already)")
 
     @property
-    def block(self) -> int:
-        """Tokens per diffusion block: block_size, or the whole row."""
-        return self.block_size or self.seq_len
-
-    @property
-    def blockwise(self) -> bool:
-        """Whether rows hold more than one block (the [x_t; x_0] forward of block diffusion)."""
-        return self.block < self.seq_len
+    def autoregressive(self) -> bool:
+        """Whether this is the AR yardstick (causal, next-token) rather than a masked-diffusion model."""
+        return self.objective == "ar"
 
     @property
     def noise_conditioned(self) -> bool:
         """Whether the model sees the noise level: an MDLM with time_cond; never an AR model."""
-        return self.time_cond and self.objective == "mdlm"
+        return self.time_cond and not self.autoregressive
 
     @property
     def tokens(self) -> Tokens:
+        """The special ids of this vocabulary (MASK, PAD): the one place callers read them from."""
         return Tokens(self.vocab_size)
-
-    @property
-    def mask_id(self) -> int:
-        return self.tokens.mask
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokens.pad
 
     @property
     def num_real_rows(self) -> int:
@@ -226,8 +221,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
     # the challenge's 10-minute budget, the race's best recipe (Muon, maskable BOS), at a shape whose
     # `export` (quant auto) fits 16 MB with room to spare: no adaLN projections (time_cond false) and
-    # 9 layers instead of 11 (BENCHMARKS.md: shape vs precision)
-    "record": dict(max_wallclock=600.0, num_layers=9, time_cond=False, **BEST_RECIPE),
+    # 9 layers instead of 11 (BENCHMARKS.md: shape vs precision). Scored as the challenge scores: the
+    # whole val split, at the ELBO steps whose projected time on 8 H100s fits the evaluation budget
+    # (bench/eval_budget.py; the record script checks it with a timed probe and cuts the steps if not)
+    "record": dict(max_wallclock=600.0, num_layers=9, time_cond=False, eval_num_seqs=0, elbo_steps=128,
+                   **BEST_RECIPE),
     # a few CPU minutes whatever the machine: the wall-clock cap ends training if steps do not
     "demo": dict(num_layers=4, model_dim=128, num_heads=4, cond_dim=64, seq_len=256,
                  batch_rows=16, grad_accum=1, steps=300, lr=2e-3, warmup_steps=30,

@@ -1,4 +1,4 @@
-"""Absorbing-mask diffusion: log-linear schedule, masking, SUBS, the training loss and the ELBO.
+"""Absorbing-mask diffusion: log-linear schedule, noise draws, masking, SUBS and the discrete ELBO's grid.
 
 Every random draw takes an explicit torch.Generator so results are reproducible for a seed.
 """
@@ -131,39 +131,6 @@ def masked_nll(logits: torch.Tensor, x0: torch.Tensor, tokens: Tokens) -> torch.
     nll = F.cross_entropy(subs_logits(logits, tokens).reshape(-1, vocab), x0.clamp(max=vocab - 1).reshape(-1),
                           reduction="none")
     return nll.view(x0.shape)
-
-
-# ---------------------------------------------------------------- training loss
-
-@dataclass
-class LossOutput:
-    loss: torch.Tensor  # scalar: ELBO estimate in nats per scored token of this batch
-    weighted_sum: torch.Tensor  # scalar: sum over masked positions of w(t) * -log p(x0 | x_t)
-    scored: torch.Tensor  # number of scored positions (a tensor: no host sync)
-    masked: torch.Tensor  # number of masked positions
-
-
-def diffusion_loss(model, x0: torch.Tensor, tokens: Tokens, eps: float, layout: str,
-                   noise: Noise | torch.Generator, anchor_mask_prob: float = 0.0,
-                   blockwise: bool = False) -> LossOutput:
-    """Continuous-time MDLM ELBO: E_t[ w(t) * sum_masked -log p(x0|x_t) ] / scored tokens, w = 1/t.
-
-    `noise` is the batch's pre-drawn Noise (the trainer draws it for the global batch) or a
-    generator to draw it from. blockwise (block diffusion): the model denoises each block given the
-    clean blocks before it, so the sum is over blocks of each block's ELBO; a row's blocks share its
-    time t (an unbiased estimate of that sum, and the noise draws of the plain MDLM unchanged).
-    """
-    if isinstance(noise, torch.Generator):
-        noise = draw_noise(x0.size(0), x0.size(1), noise)
-    t = noise.t.to(x0.device)
-    maskable = maskable_positions(x0, layout, tokens.pad, anchor_mask_prob, noise.anchor_u)
-    x_t, masked = mask_tokens(x0, 1.0 - alpha(t, eps), maskable, tokens.mask, noise.mask_u)
-    # documents are read from the BOS tokens visible in x_t (and, blockwise, in the clean blocks)
-    logits = model(x_t, sigma(t, eps), clean=x0) if blockwise else model(x_t, sigma(t, eps))
-    weighted = masked_nll(logits, x0, tokens) * elbo_weight(t, eps)[:, None]
-    weighted_sum = torch.where(masked, weighted, 0.0).sum()  # 0 * inf would be NaN at visible positions
-    scored = maskable.sum()
-    return LossOutput(weighted_sum / scored.clamp(min=1), weighted_sum, scored, masked.sum())
 
 
 # ---------------------------------------------------------------- discrete-time ELBO

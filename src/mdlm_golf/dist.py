@@ -41,6 +41,11 @@ def init_distributed(device: torch.device | None = None) -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
+def process_group_active() -> bool:
+    """Whether this process is in a torchrun process group now."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def pick_device() -> torch.device:
     """The device a command runs on: the GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,63 +1,109 @@
-"""The training objectives behind one module: the MDLM ELBO, or next-token cross-entropy (AR).
+"""The training objectives, chosen once per config: the MDLM ELBO, or next-token cross-entropy (AR).
 
-Both return (sum of per-token losses, scored positions) for a micro-batch, so the trainer, DDP and
-torch.compile treat them alike; the AR model is the same transformer, causal and unconditioned.
+An objective turns a micro-batch of clean rows and its noise draws into a LossBatch: what the model reads
+(x_t, or the rows without their last token), which positions the loss counts with which weight, and how
+many positions the batch's loss is normalized by. Masking happens there, once per micro-batch. The loss
+itself (LossModule: the model and a weighted cross-entropy) is the same for every kind, so the trainer,
+torch.compile and DDP treat them alike.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .config import Config, Tokens
-from .diffusion import Noise, diffusion_loss, maskable_positions
+from .diffusion import Noise, alpha, draw_noise, elbo_weight, mask_tokens, maskable_positions, masked_nll, sigma
 
 
-def ar_targets(x0: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs x[:, :-1], targets x[:, 1:], scored targets): each row predicts its own next tokens;
-    PAD targets (after a document in the docs layout) are not scored."""
+@dataclass
+class LossBatch:
+    """One micro-batch ready for the loss."""
+
+    inputs: torch.Tensor  # [B, L'] ids the model reads: x_t (MDLM) or the clean rows but their last id (AR)
+    sigma: torch.Tensor | None  # [B] noise levels the model is conditioned on (None: AR)
+    clean: torch.Tensor | None  # [B, L] the clean rows x_0, which block diffusion reads (None: AR)
+    targets: torch.Tensor  # [B, L'] the ids to predict at each input position
+    in_loss: torch.Tensor  # [B, L'] bool: positions the loss counts (masked ones; scored AR targets)
+    row_weight: torch.Tensor  # [B] weight of a row's terms: the ELBO's w(t) = 1/t (MDLM), 1 (AR)
+    scored: torch.Tensor  # positions the loss is normalized by (MDLM: maskable ones; AR: scored targets)
+
+    def loss_args(self) -> tuple:
+        """LossModule's arguments, in order."""
+        return self.inputs, self.sigma, self.clean, self.targets, self.in_loss, self.row_weight
+
+
+# prepare(x0 [B, L], noise) -> LossBatch
+Prepare = Callable[[torch.Tensor, Noise], LossBatch]
+
+
+def diffusion_batch(x0: torch.Tensor, noise: Noise, *, tokens: Tokens, eps: float, layout: str,
+                    anchor_mask_prob: float = 0.0) -> LossBatch:
+    """The continuous-time MDLM ELBO's batch: each maskable position masked with probability 1 - alpha(t),
+    masked positions weighted by w(t) = 1/t, normalized by the maskable positions. Block diffusion uses
+    it unchanged: a row's blocks share its time t (an unbiased estimate of the sum of per-block ELBOs)."""
+    t = noise.t.to(x0.device)
+    maskable = maskable_positions(x0, layout, tokens.pad, anchor_mask_prob, noise.anchor_u)
+    x_t, masked = mask_tokens(x0, 1.0 - alpha(t, eps), maskable, tokens.mask, noise.mask_u)
+    return LossBatch(x_t, sigma(t, eps), x0, x0, masked, elbo_weight(t, eps), maskable.sum())
+
+
+def next_token_batch(x0: torch.Tensor, noise: Noise | None = None, *, tokens: Tokens) -> LossBatch:
+    """Next-token cross-entropy's batch: each row predicts its own next ids; PAD targets (after a
+    document in the docs layout) are not scored. The noise draws are not used."""
     inputs, targets = x0[:, :-1], x0[:, 1:]
-    return inputs, targets, targets != pad_id
+    scored = targets != tokens.pad
+    return LossBatch(inputs, None, None, targets, scored, torch.ones(x0.size(0), device=x0.device), scored.sum())
 
 
-def ar_nll(model: torch.nn.Module, x0: torch.Tensor, pad_id: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(next-token NLL in nats [B, L-1], 0 at unscored targets; scored targets [B, L-1])."""
-    inputs, targets, scored = ar_targets(x0, pad_id)
-    logits = model(inputs)[..., :vocab_size]
-    nll = F.cross_entropy(logits.reshape(-1, vocab_size).float(), targets.clamp(max=vocab_size - 1).reshape(-1),
-                          reduction="none").view(targets.shape)
-    return torch.where(scored, nll, 0.0), scored
+def objective_for(cfg: Config) -> Prepare:
+    """The config's training objective, chosen here once: a micro-batch and its noise -> LossBatch."""
+    if cfg.autoregressive:
+        return partial(next_token_batch, tokens=cfg.tokens)
+    return partial(diffusion_batch, tokens=cfg.tokens, eps=cfg.noise_eps, layout=cfg.layout,
+                   anchor_mask_prob=cfg.anchor_mask_prob)
 
 
-def ar_loss(model: torch.nn.Module, x0: torch.Tensor, pad_id: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token NLL in nats over scored targets, scored targets)."""
-    nll, scored = ar_nll(model, x0, pad_id, vocab_size)
-    return nll.sum(), scored.sum()
+def weighted_nll_sum(logits: torch.Tensor, targets: torch.Tensor, in_loss: torch.Tensor, row_weight: torch.Tensor,
+                     tokens: Tokens) -> torch.Tensor:
+    """sum over the counted positions of row_weight * -log p(target) in nats (SUBS: real tokens only)."""
+    weighted = masked_nll(logits, targets, tokens) * row_weight[:, None]
+    return torch.where(in_loss, weighted, 0.0).sum()  # 0 * inf would be NaN at positions not counted
 
 
-def scored_count(x0: torch.Tensor, cfg: Config, noise: Noise) -> torch.Tensor:
-    """Positions a micro-batch's loss is normalized by (before any forward, for the global batch)."""
-    if cfg.objective == "ar":
-        return ar_targets(x0, cfg.pad_id)[2].sum()
-    return maskable_positions(x0, cfg.layout, cfg.pad_id, cfg.anchor_mask_prob, noise.anchor_u).sum()
+class LossModule(torch.nn.Module):
+    """The model and its loss as one module: torch.compile fuses the loss into the model's graph (one
+    cross-entropy pass over the logits) and DDP wraps a single thing. The same for every model kind."""
 
-
-class Objective(torch.nn.Module):
-    """The model and its loss as one module: torch.compile fuses the loss into the model's graph
-    (one cross-entropy pass over the logits) and DDP wraps a single thing."""
-
-    def __init__(self, model: torch.nn.Module, cfg: Config, flex: bool = False):
+    def __init__(self, model: torch.nn.Module, flex: bool = False):
         """flex: build document masks for FlexAttention (worth it only when compiled on CUDA)."""
         super().__init__()
-        self.model, self.tokens, self.cfg, self.flex = model, Tokens(cfg.vocab_size), cfg, flex
+        self.model, self.flex = model, flex
 
-    def forward(self, x0: torch.Tensor, t: torch.Tensor, mask_u: torch.Tensor,
-                anchor_u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of the micro-batch's loss terms, scored positions); AR ignores the noise draws."""
-        cfg, model = self.cfg, partial(self.model, flex=self.flex)
-        if cfg.objective == "ar":
-            return ar_loss(model, x0, cfg.pad_id, cfg.vocab_size)
-        out = diffusion_loss(model, x0, self.tokens, cfg.noise_eps, cfg.layout,
-                             Noise(t, mask_u, anchor_u), cfg.anchor_mask_prob, cfg.blockwise)
-        return out.weighted_sum, out.scored
+    def forward(self, inputs: torch.Tensor, noise_level: torch.Tensor | None, clean: torch.Tensor | None,
+                targets: torch.Tensor, in_loss: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's weighted sum of loss terms (LossBatch.loss_args())."""
+        logits = self.model(inputs, noise_level, clean, flex=self.flex)
+        return weighted_nll_sum(logits, targets, in_loss, row_weight, self.model.cfg.tokens)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar: ELBO estimate in nats per scored token of this batch
+    weighted_sum: torch.Tensor  # scalar: sum over masked positions of w(t) * -log p(x0 | x_t)
+    scored: torch.Tensor  # number of scored positions (a tensor: no host sync)
+    masked: torch.Tensor  # number of masked positions
+
+
+def diffusion_loss(model, x0: torch.Tensor, tokens: Tokens, eps: float, layout: str,
+                   noise: Noise | torch.Generator, anchor_mask_prob: float = 0.0) -> LossOutput:
+    """The MDLM loss of one batch for any denoiser model(x_t, sigma, clean): E_t[w(t) * sum_masked
+    -log p(x0 | x_t)] / scored tokens, w = 1/t. `noise` is the batch's pre-drawn Noise or a generator."""
+    if isinstance(noise, torch.Generator):
+        noise = draw_noise(x0.size(0), x0.size(1), noise)
+    batch = diffusion_batch(x0, noise, tokens=tokens, eps=eps, layout=layout, anchor_mask_prob=anchor_mask_prob)
+    logits = model(batch.inputs, batch.sigma, batch.clean)
+    weighted_sum = weighted_nll_sum(logits, batch.targets, batch.in_loss, batch.row_weight, tokens)
+    return LossOutput(weighted_sum / batch.scored.clamp(min=1), weighted_sum, batch.scored, batch.in_loss.sum())

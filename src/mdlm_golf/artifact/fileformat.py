@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import first_non_finite
 from ..config import Config, config_from_dict
-from ..model import MDLM
+from ..model import Transformer
 from .compress import compress, compressor_functions
 from .quant import FORMAT_BITS, SMALL_NUMEL, QuantTensor, dequantize_state_dict, parse_spec
 
@@ -211,7 +211,7 @@ def read_artifact(path: Path) -> tuple[dict, list[QuantTensor]]:
 
 
 def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config, dict]:
-    """An MDLM with the artifact's dequantized float32 weights, its config and metadata."""
+    """A model with the artifact's dequantized float32 weights, its config and metadata."""
     meta, qtensors = read_artifact(path)
     try:
         cfg = config_from_dict(meta["config"], str(path))
@@ -221,7 +221,7 @@ def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[torch
     bad = first_non_finite(state)
     if bad is not None:
         raise ArtifactError(f"{path}: weight {bad} is not finite (nan or inf); not loaded")
-    model = MDLM(cfg)
+    model = Transformer(cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -1,13 +1,15 @@
 """GPTQ: error-compensated rounding from the Hessians of each Linear's inputs over calibration batches."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 from ..config import Config
-from ..diffusion import alpha, sigma
+from ..diffusion import Noise
+from ..objective import LossBatch, objective_for
 from .rounding import qmax
 
 
@@ -50,9 +52,9 @@ def damped_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_hessians(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
-                     ) -> dict[str, torch.Tensor]:
-    """H = X^T X of every Linear's input over calibration batches of (x_t, sigma), keyed 'NAME.weight'."""
+def collect_hessians(model: torch.nn.Module, batches: Iterable[LossBatch]) -> dict[str, torch.Tensor]:
+    """H = X^T X of every Linear's input over calibration batches (what the model reads in training),
+    keyed 'NAME.weight'."""
     hessians: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -66,8 +68,8 @@ def collect_hessians(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
         if isinstance(module, torch.nn.Linear):
             hooks.append(module.register_forward_hook(hook_for(f"{name}.weight")))
     try:
-        for x_t, sig in batches:
-            model(x_t, sig)
+        for batch in batches:
+            model(batch.inputs, batch.sigma, batch.clean)
     finally:
         for h in hooks:
             h.remove()
@@ -75,17 +77,19 @@ def collect_hessians(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
 
 
 def calibration_batches(cfg: Config, tokens: np.ndarray, num_batches: int, rows: int,
-                        seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Masked (x_t, sigma) batches from contiguous windows of train tokens, t ~ U(0, 1) per row."""
+                        seed: int = 0) -> list[LossBatch]:
+    """Training batches of the model's own objective from contiguous windows of train tokens: masked
+    with t ~ U(0, 1) per row for a masked-diffusion model (every BOS maskable), the clean rows for AR."""
     generator = torch.Generator().manual_seed(seed)
     windows = tokens.size // cfg.seq_len
     if windows < 1:
         raise ValueError(f"calibration needs at least {cfg.seq_len} tokens, got {tokens.size}")
+    prepare = objective_for(dataclasses.replace(cfg, anchor_mask_prob=1.0))
     batches = []
     for _ in range(num_batches):
         starts = torch.randint(windows, (rows,), generator=generator) * cfg.seq_len
         x0 = torch.from_numpy(np.stack([tokens[s:s + cfg.seq_len] for s in starts.tolist()]).astype(np.int64))
         t = torch.rand(rows, generator=generator)
-        masked = torch.rand(x0.shape, generator=generator) < (1.0 - alpha(t, cfg.noise_eps))[:, None]
-        batches.append((torch.where(masked, torch.full_like(x0, cfg.mask_id), x0), sigma(t, cfg.noise_eps)))
+        mask_u = torch.rand(x0.shape, generator=generator)
+        batches.append(prepare(x0, Noise(t, mask_u, torch.zeros(x0.shape))))
     return batches

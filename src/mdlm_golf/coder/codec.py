@@ -1,11 +1,13 @@
-"""Compress and decompress token streams and files: arithmetic coding driven by the MDLM.
+"""Compress and decompress token streams and files: arithmetic coding driven by the model.
 
-The encoder runs planned.run_planned, the loop planned_bits measures, and codes each chosen token
-with the model's quantized marginal at its position; the decoder runs the same loop on the same
-revealed state, so it makes the same choices and rebuilds the same frequencies. What it needs to be
-bit-identical: CPU, float32, one torch thread while coding, the same batch of slices per forward
-(the batch size is in the header). A file made on another CPU or torch build may still decode
-differently; the token CRC then catches it.
+A masked-diffusion model's encoder runs planned.run_planned, the loop planned_bits measures, and codes
+each chosen token with the model's quantized marginal at its position; the decoder runs the same loop on
+the same revealed state, so it makes the same choices and rebuilds the same frequencies. An
+autoregressive model codes left to right in the evaluator's windows, one token per forward through a
+KV cache, so its code length is its `eval` chain-rule figure. What coding needs to be bit-identical:
+CPU, float32, one torch thread while coding, the same batch of slices per forward (the batch size is in
+the header). A file made on another CPU or torch build may still decode differently; the token CRC then
+catches it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 
 from ..config import BOS_ID, Config, Tokens
-from ..eval import Schedule, check_order, masked_start, require_mdlm, run_planned
+from ..diffusion import subs_logits
+from ..eval import Schedule, check_order, masked_start, run_planned
 from ..files import write_bytes_atomic
 from .arithmetic import ArithmeticDecoder, ArithmeticEncoder, cumulative_frequencies
 from .container import CoderError, Header, ids_crc, model_fingerprint
@@ -30,6 +33,8 @@ BATCH_ROWS = 16  # slices per forward (recorded in the header: the decoder must 
 
 # run_planned's callback: reveal(rows, logits, chosen) -> ids, read at `chosen` only
 Reveal = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# the left-to-right loop's callback: reveal(position, logits [V]) -> the id at that stream position
+RevealOne = Callable[[int, torch.Tensor], int]
 
 
 @contextmanager
@@ -78,6 +83,22 @@ def code_slices(model, header: Header, eps: float, tokens: Tokens,
     return x
 
 
+def code_left_to_right(model, header: Header, tokens: Tokens, reveal: RevealOne) -> torch.Tensor:
+    """An autoregressive model's loop over the stream [N]: the challenge evaluator's windows (window w
+    predicts ids wL+1 .. wL+L from the ids before them in the window, from id wL on), one id per forward
+    through a KV cache; id 0 has no context and takes the uniform law. Anchors are given, not coded."""
+    n, length, anchors = header.num_tokens, header.seq_len, set(header.anchors)
+    x = torch.full((1, n), tokens.mask, dtype=torch.long)
+    if n:
+        x[0, 0] = BOS_ID if 0 in anchors else reveal(0, torch.zeros(tokens.vocab_size))
+    for start in range(0, n - 1, length):
+        cache = model.new_cache()
+        for i in range(start + 1, min(start + length, n - 1) + 1):
+            logits = model.forward_cached(x[:, i - 1:i], None, cache, store=True)[0, -1]
+            x[0, i] = BOS_ID if i in anchors else reveal(i, subs_logits(logits, tokens))
+    return x[0]
+
+
 def encode_chosen(encoder: ArithmeticEncoder, truth: torch.Tensor, logits: torch.Tensor,
                   chosen: torch.Tensor, vocab_size: int) -> None:
     """Code truth[chosen] with the quantized marginals logits[chosen], in row-major order."""
@@ -105,13 +126,15 @@ def decode_chosen(decoder: ArithmeticDecoder, logits: torch.Tensor, chosen: torc
     return values
 
 
-def checked_ids(cfg: Config, token_ids, order: str, mode: str, escape: bytes,
+def checked_ids(cfg: Config, token_ids, order: str, schedule: Schedule, mode: str, escape: bytes,
                 data_crc: int | None) -> np.ndarray:
     """token_ids as int64, after the checks compress_tokens makes before it codes anything."""
     if escape and data_crc is None:
         raise ValueError("an escape section needs data_crc (it belongs to a file)")
-    require_mdlm(cfg)
     check_order(order)
+    if cfg.autoregressive and (order != "left-to-right" or schedule.tokens_per_pass != 1):
+        raise ValueError("an autoregressive model codes left to right, one token per pass "
+                         f"(got order {order!r}, {schedule.describe()})")
     if mode not in CODER_MODES:
         raise ValueError(f"mode must be one of {CODER_MODES}, got {mode!r}")
     ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
@@ -124,37 +147,48 @@ def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
                     tokens_per_pass: int | None = None, passes: int | None = None,
                     mode: str = "anchored", batch_rows: int = BATCH_ROWS, data_crc: int | None = None,
                     escape: bytes = b"", sp=None) -> bytes:
-    """An MDZ1 byte string coding token_ids slice by slice in planned order (one ids CRC inside).
+    """An MDZ1 byte string coding token_ids (one ids CRC inside): slice by slice in planned order for a
+    masked-diffusion model, left to right for an AR model (order left-to-right, one token per pass).
 
     data_crc, escape and sp are for files: the original bytes' CRC32, the escape section, and the
     tokenizer to fingerprint with the model.
     """
-    ids = checked_ids(cfg, token_ids, order, mode, escape, data_crc)
     if tokens_per_pass is None and passes is None:
         tokens_per_pass = 1
-    tokens = Tokens(cfg.vocab_size)
+    schedule = Schedule(tokens_per_pass, passes)
+    ids = checked_ids(cfg, token_ids, order, schedule, mode, escape, data_crc)
+    tokens = cfg.tokens
     anchors = np.flatnonzero(ids == BOS_ID).tolist() if mode == "anchored" else []
-    header = Header(mode, order, cfg.seq_len, Schedule(tokens_per_pass, passes), batch_rows, int(ids.size),
-                    anchors, ids_crc(ids), data_crc, model_fingerprint(model, cfg, sp), len(escape))
-    x0, _ = slice_rows(ids.size, cfg.seq_len, tokens, anchors, ids)
+    header = Header(mode, order, cfg.seq_len, schedule, batch_rows, int(ids.size), anchors, ids_crc(ids),
+                    data_crc, model_fingerprint(model, cfg, sp), len(escape))
     encoder = ArithmeticEncoder()
-
-    def reveal_for(batch: slice) -> Reveal:
-        def encode(rows, logits, chosen):
-            truth = x0[batch][rows]
-            encode_chosen(encoder, truth, logits, chosen, cfg.vocab_size)
-            return truth
-        return encode
-
     with coding_context(model):
-        code_slices(model, header, cfg.noise_eps, tokens, reveal_for, cfg.block if cfg.blockwise else 0)
+        if cfg.autoregressive:
+            truth = torch.from_numpy(ids)
+
+            def encode_one(position: int, logits: torch.Tensor) -> int:
+                encode_chosen(encoder, truth[None, position:position + 1], logits[None, None],
+                              torch.ones(1, 1, dtype=torch.bool), cfg.vocab_size)
+                return int(truth[position])
+
+            code_left_to_right(model, header, tokens, encode_one)
+        else:
+            x0, _ = slice_rows(ids.size, cfg.seq_len, tokens, anchors, ids)
+
+            def reveal_for(batch: slice) -> Reveal:
+                def encode(rows, logits, chosen):
+                    truth = x0[batch][rows]
+                    encode_chosen(encoder, truth, logits, chosen, cfg.vocab_size)
+                    return truth
+                return encode
+
+            code_slices(model, header, cfg.noise_eps, tokens, reveal_for, cfg.block_size)
     return header.encode() + escape + encoder.finish()
 
 
 def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.ndarray, bytes]:
     """The header, the decoded token ids (checked against the model fingerprint and the ids CRC) and
     the escape section (empty for a bare token stream)."""
-    require_mdlm(cfg)
     header, body = Header.decode(data)
     if len(body) < header.escape_len:
         raise CoderError("truncated escape section")
@@ -166,15 +200,20 @@ def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.
     anchors = header.anchors
     if anchors and (anchors[-1] >= header.num_tokens or len(set(anchors)) < len(anchors)):
         raise CoderError("corrupted header (anchor positions)")
-    tokens = Tokens(cfg.vocab_size)
+    tokens = cfg.tokens
     decoder = ArithmeticDecoder(code)
-
-    def reveal_for(batch: slice) -> Reveal:
-        return lambda rows, logits, chosen: decode_chosen(decoder, logits, chosen, tokens)
-
     with coding_context(model):
-        x = code_slices(model, header, cfg.noise_eps, tokens, reveal_for, cfg.block if cfg.blockwise else 0)
-    ids = x.reshape(-1)[: header.num_tokens].numpy()
+        if cfg.autoregressive:
+            def decode_one(position: int, logits: torch.Tensor) -> int:
+                return int(decode_chosen(decoder, logits[None, None], torch.ones(1, 1, dtype=torch.bool), tokens))
+
+            ids = code_left_to_right(model, header, tokens, decode_one).numpy()
+        else:
+            def reveal_for(batch: slice) -> Reveal:
+                return lambda rows, logits, chosen: decode_chosen(decoder, logits, chosen, tokens)
+
+            x = code_slices(model, header, cfg.noise_eps, tokens, reveal_for, cfg.block_size)
+            ids = x.reshape(-1)[: header.num_tokens].numpy()
     if ids_crc(ids) != header.ids_crc:
         raise CoderError("decoded tokens fail their CRC (corrupted data, or a different torch/CPU)")
     return header, ids, escape

@@ -35,11 +35,14 @@ class CoderError(ValueError):
 
 def model_fingerprint(model, cfg: Config, sp=None) -> bytes:
     """First 8 bytes of sha256 over the float32 weights (names, shapes, values), vocab_size and
-    noise_eps (and a block diffusion model's block size, which sets the decoding order), and for text
+    noise_eps (and a block diffusion model's block size, which sets the decoding order, and an AR
+    model's objective), and for text
     files the tokenizer (its serialized model), which turns ids into text."""
     coding = {"vocab_size": cfg.vocab_size, "noise_eps": cfg.noise_eps}
-    if cfg.blockwise:  # absent otherwise, so files written before block diffusion still decode
-        coding["block_size"] = cfg.block
+    if cfg.block_size:  # absent otherwise, so files written before block diffusion still decode
+        coding["block_size"] = cfg.block_size
+    if cfg.autoregressive:  # the same weights read as a denoiser would code differently
+        coding["objective"] = cfg.objective
     h = hashlib.sha256(json.dumps(coding).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(f"{name}{tuple(tensor.shape)}".encode())

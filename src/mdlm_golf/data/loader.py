@@ -34,6 +34,21 @@ def check_loader_args(seq_len: int, layout: str, vocab_size: int, seed: int, sha
         raise ValueError(f"seed must be >= 0, got {seed}")
 
 
+def read_shard_set(shards: str | Path | Sequence[str | Path]) -> tuple[list[Path], str, list[int]]:
+    """The shard paths, a name for messages, and each shard's token count from its checked header
+    (DataError names the file)."""
+    paths, source = resolve_shards(shards)
+    return paths, source, [read_shard_header(p) for p in paths]
+
+
+def check_batch_fits(source: str, counts: list[int], rows: int, seq_len: int, world_size: int) -> None:
+    """DataError unless the shards hold at least one batch of `rows` rows per process."""
+    need = rows * seq_len * world_size
+    if sum(counts) < need:
+        raise DataError(f"{source}: {sum(counts):,} tokens in {len(counts)} shards are fewer than one batch "
+                        f"({rows} rows x {seq_len} x world size {world_size} = {need:,} tokens)")
+
+
 class ShardedLoader:
     """Seeded training rows from shards streamed through memory a group at a time.
 
@@ -79,8 +94,7 @@ class ShardedLoader:
                  batch_rows: int | None = None, verify: bool = False):
         check_loader_args(seq_len, layout, vocab_size, seed, shards_per_group, batches_per_group,
                           rank, world_size)
-        self.paths, self.source = resolve_shards(shards)
-        self.counts = [read_shard_header(p) for p in self.paths]  # DataError names the file
+        self.paths, self.source, self.counts = read_shard_set(shards)
         self.seq_len, self.layout, self.pad_id, self.vocab_size = seq_len, layout, pad_id, vocab_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.shards_per_group = min(shards_per_group, len(self.paths))
@@ -154,11 +168,7 @@ class ShardedLoader:
                           "prefetched": prefetched})
 
     def _check_batch(self, rows: int) -> None:
-        need = rows * self.seq_len * self.world_size
-        if self.total_tokens < need:
-            raise DataError(f"{self.source}: {self.total_tokens:,} tokens in {len(self.paths)} shards "
-                            f"are fewer than one batch ({rows} rows x {self.seq_len} x world size "
-                            f"{self.world_size} = {need:,} tokens)")
+        check_batch_fits(self.source, self.counts, rows, self.seq_len, self.world_size)
 
     def next_rows(self, rows: int) -> np.ndarray:
         """The next `rows` rows for this rank ([rows, seq_len] int64); ranks take disjoint rows."""

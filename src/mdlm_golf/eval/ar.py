@@ -9,38 +9,36 @@ import time
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, Tokens
 from ..data import ByteTable
-from ..dist import all_reduce_sum, autocast, dist_backend_needs_device, rank_and_world, to_device
-from ..objective import ar_nll
-from .harness import EvalSlices, make_ar_windows, summarize
+from ..diffusion import masked_nll
+from ..dist import autocast, rank_and_world, to_device
+from ..objective import next_token_batch
+from .harness import EvalSlices, make_ar_windows, rank_share, reduce_sum, summarize
 
 
 @torch.no_grad()
-def chain_rule_bits(model, windows: EvalSlices, pad_id: int, vocab_size: int, batch_rows: int,
-                    device: torch.device) -> np.ndarray:
+def chain_rule_bits(model, windows: EvalSlices, tokens: Tokens, batch_rows: int, device: torch.device) -> np.ndarray:
     """Exact code length in bits of each window's L target tokens under the next-token law; float64 [S]."""
     bits = torch.zeros(len(windows), dtype=torch.float64, device=device)
     for start in range(0, len(windows), batch_rows):
-        rows = slice(start, start + batch_rows)
-        x = to_device(windows.tokens[rows], device)
+        batch = next_token_batch(to_device(windows.tokens[start:start + batch_rows], device), tokens=tokens)
         with autocast(device):
-            nll, _ = ar_nll(model, x, pad_id, vocab_size)
-        bits[start:start + x.size(0)] = nll.double().sum(-1) / math.log(2)
+            logits = model(batch.inputs, batch.sigma, batch.clean)
+        nll = torch.where(batch.in_loss, masked_nll(logits, batch.targets, tokens), 0.0)
+        bits[start:start + nll.size(0)] = nll.double().sum(-1) / math.log(2)
     return bits.cpu().numpy()
 
 
 def evaluate_ar(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: Config, *, num_seqs: int,
                 device: torch.device) -> dict:
     """The challenge's AR figure: exact bits per byte over num_seqs windows of seq_len (0 = all)."""
-    rank, world = rank_and_world()
+    world = rank_and_world()[1]
     began = time.perf_counter()
     windows = make_ar_windows(val_tokens, cfg.seq_len, num_seqs, byte_table)
-    mine = windows.subset(np.arange(rank, len(windows), world))
-    bits = chain_rule_bits(model, mine, cfg.pad_id, cfg.vocab_size, cfg.eval_batch_rows, device).sum()
-    totals = torch.tensor([bits, mine.tokens[:, 1:].size, mine.token_bytes[:, 1:].sum()], dtype=torch.float64,
-                          device=device if dist_backend_needs_device() else "cpu")
-    bits, num_tokens, num_bytes = all_reduce_sum(totals).tolist()
+    mine = rank_share(windows)
+    bits = chain_rule_bits(model, mine, cfg.tokens, cfg.eval_batch_rows, device).sum()
+    bits, num_tokens, num_bytes = reduce_sum([bits, mine.tokens[:, 1:].size, mine.token_bytes[:, 1:].sum()], device)
     seconds = time.perf_counter() - began
     return summarize(bits, int(num_tokens), int(num_bytes), method="chain rule", mode="ar",
                      kind="exact (AR chain rule)",

@@ -1,5 +1,5 @@
 """The MDLM's figure: the T-step discrete-time absorbing-mask ELBO, an upper bound on the code length
-of the slices, in bits per byte (an AR model's `evaluate` goes to the exact chain rule in ar.py)."""
+of the slices, in bits per byte."""
 from __future__ import annotations
 
 import math
@@ -11,10 +11,8 @@ import torch
 from ..config import Config, Tokens
 from ..data import ByteTable
 from ..diffusion import elbo_grid, masked_nll, reveal_weights, terminal_bits
-from ..dist import all_reduce_sum, autocast, dist_backend_needs_device, rank_and_world, to_device
-from .ar import evaluate_ar
-from .harness import MODES, EvalSlices, make_slices, scored_positions, summarize
-
+from ..dist import autocast, rank_and_world, to_device
+from .harness import MODES, EvalSlices, make_slices, rank_share, reduce_sum, scored_positions, summarize
 
 
 def slice_mask_draws(slice_index: int, steps: int, seq_len: int, seed: int, draw: int = 0) -> torch.Tensor:
@@ -27,12 +25,13 @@ def slice_mask_draws(slice_index: int, steps: int, seq_len: int, seed: int, draw
 @torch.no_grad()
 def elbo_bits(model, slices: EvalSlices, mode: str, steps: int, eps: float, vocab_size: int,
               seed: int, batch_rows: int, device: torch.device, *, grid: str = "linear",
-              draw: int = 0, blockwise: bool = False) -> np.ndarray:
+              draw: int = 0) -> np.ndarray:
     """Expected bits of each slice under the T-step ELBO, one mask draw per (slice, step); float64 [S].
 
-    Rows are (slice, step) pairs batched together; bf16 autocast on CUDA, float64 accumulation.
-    blockwise: each block is denoised given the clean blocks before it, so a row holds step k of every
-    block's own ELBO and the sum over rows is the sum over blocks of their T-step bounds.
+    Rows are (slice, step) pairs batched together; bf16 autocast on CUDA, float64 accumulation. The
+    model reads x_t and the clean slice: a block diffusion model denoises each block given the clean
+    blocks before it, so a row holds step k of every block's own ELBO and the sum over rows is the
+    sum over blocks of their T-step bounds.
     """
     tokens = Tokens(vocab_size)
     alphas = elbo_grid(steps, eps, grid)[1:]  # alpha at t_1..t_T
@@ -52,7 +51,7 @@ def elbo_bits(model, slices: EvalSlices, mode: str, steps: int, eps: float, voca
         x_t = torch.where(masked, torch.full_like(x0, tokens.mask), x0)
         with autocast(device):
             sigma_k = to_device(sigmas[steps_k].numpy(), device)
-            logits = model(x_t, sigma_k, clean=x0) if blockwise else model(x_t, sigma_k)
+            logits = model(x_t, sigma_k, x0)
         nll = masked_nll(logits, x0, tokens).double() / math.log(2)
         row_bits = torch.where(masked, nll, 0.0).sum(-1) * to_device(weights[steps_k].numpy(), device)
         bits.index_add_(0, to_device(np.asarray(rows), device), row_bits)
@@ -61,9 +60,9 @@ def elbo_bits(model, slices: EvalSlices, mode: str, steps: int, eps: float, voca
     return bits.cpu().numpy()
 
 
-def evaluate(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: Config, *, steps: int,
-             num_seqs: int, seed: int, modes: tuple[str, ...] = MODES, draws: int = 1,
-             grid: str = "linear", device: torch.device | None = None) -> dict[str, dict]:
+def evaluate_elbo(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: Config, *, steps: int,
+                  num_seqs: int, seed: int, modes: tuple[str, ...] = MODES, draws: int = 1,
+                  grid: str = "linear", device: torch.device) -> dict[str, dict]:
     """Strict and anchored ELBO bpb of `model` on the first num_seqs val slices (0 = all).
 
     With draws = K > 1 each slice gets K independent mask draws: bpb is their mean, bpb_stderr its
@@ -71,45 +70,30 @@ def evaluate(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: Config, 
     each rank takes slices rank, rank + world, ... and bits, tokens and bytes are summed over ranks
     in float64: the figure equals the single-process one (masks are seeded per slice).
     """
-    device = device or next(model.parameters()).device
-    rank, world = rank_and_world()
-    was_training = model.training
-    model.eval()
-    forward = torch.compile(model) if cfg.compile else model
-    if cfg.objective == "ar":
-        result = evaluate_ar(forward, val_tokens, byte_table, cfg, num_seqs=num_seqs, device=device)
-        model.train(was_training)
-        return {"ar": result}
-    slices = make_slices(val_tokens, cfg.seq_len, num_seqs, byte_table, cfg.pad_id)
-    mine = slices.subset(np.arange(rank, len(slices), world))
-    reduce_device = device if dist_backend_needs_device() else "cpu"
+    world = rank_and_world()[1]
+    slices = make_slices(val_tokens, cfg.seq_len, num_seqs, byte_table, cfg.tokens.pad)
+    mine = rank_share(slices)
     results = {}
     for mode in modes:
         began = time.perf_counter()
-        bits = [elbo_bits(forward, mine, mode, steps, cfg.noise_eps, cfg.vocab_size, seed,
-                          cfg.eval_batch_rows, device, grid=grid, draw=d, blockwise=cfg.blockwise).sum()
-                for d in range(draws)]
-        scored = scored_positions(torch.from_numpy(mine.tokens), mode, cfg.pad_id).sum().item()
-        totals = torch.tensor([*bits, scored, mine.token_bytes.sum()], dtype=torch.float64,
-                              device=reduce_device)
-        *draw_bits, num_tokens, num_bytes = all_reduce_sum(totals).tolist()
+        bits = [elbo_bits(model, mine, mode, steps, cfg.noise_eps, cfg.vocab_size, seed, cfg.eval_batch_rows,
+                          device, grid=grid, draw=d).sum() for d in range(draws)]
+        scored = scored_positions(torch.from_numpy(mine.tokens), mode, cfg.tokens.pad).sum().item()
+        *draw_bits, num_tokens, num_bytes = reduce_sum([*bits, scored, mine.token_bytes.sum()], device)
         seconds = time.perf_counter() - began
         terminal = terminal_bits(steps, cfg.noise_eps, cfg.vocab_size, grid) * num_tokens  # every block's
         draw_bpb = np.array([(b + terminal) / num_bytes for b in draw_bits])
-        blocks = f" per block of {cfg.block} tokens given the clean blocks before it" if cfg.blockwise else ""
+        blocks = f" per block of {cfg.block_size} tokens given the clean blocks before it" if cfg.block_size else ""
         results[mode] = summarize(
             float(np.mean(draw_bits)) + terminal, int(num_tokens), int(num_bytes),
             method="elbo", mode=mode, kind=f"{mode} {steps}-step ELBO upper bound" + (
-                f", blocks of {cfg.block}" if cfg.blockwise else ""),
+                f", blocks of {cfg.block_size}" if cfg.block_size else ""),
             bound=f"upper bound: {steps}-step discrete-time absorbing-mask ELBO ({grid} grid){blocks}, "
                   f"mean of {draws} mask draw(s) per slice",
-            elbo_steps=steps, grid=grid, draws=draws, block_size=cfg.block,
+            elbo_steps=steps, grid=grid, draws=draws, block_size=cfg.block_size or cfg.seq_len,
             bpb_stderr=float(draw_bpb.std(ddof=1) / math.sqrt(draws)) if draws > 1 else None,
             num_seqs=len(slices), seq_len=cfg.seq_len, noise_eps=cfg.noise_eps,
             seed=seed, eval_seconds=seconds, world_size=world,
             seconds_per_slice_per_process=seconds * world / max(1, len(slices)) / draws,
         )
-    model.train(was_training)
     return results
-
-

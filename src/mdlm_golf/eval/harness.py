@@ -9,13 +9,16 @@ Slices are fixed contiguous windows of the val stream; bytes come from the chall
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..config import BOS_ID
 from ..data import ByteTable
+from ..dist import all_reduce_sum, dist_backend_needs_device, rank_and_world
 
 MODES = ("strict", "anchored")
 HEADLINE_MODES = ("strict",)  # the figure a run is judged by (an AR run has one figure, "ar")
@@ -35,6 +38,29 @@ class EvalSlices:
 
     def subset(self, rows: np.ndarray | slice) -> "EvalSlices":
         return EvalSlices(self.tokens[rows], self.token_bytes[rows], self.index[rows])
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block, back in the mode it had after it, even if evaluation raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def rank_share(slices: EvalSlices) -> EvalSlices:
+    """This process's slices under torchrun: rank r takes slices r, r + world, ... (all of them alone)."""
+    rank, world = rank_and_world()
+    return slices.subset(np.arange(rank, len(slices), world))
+
+
+def reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
+    """Each value summed over the ranks, in float64 (on the device only where NCCL needs it)."""
+    totals = torch.tensor(list(values), dtype=torch.float64, device=device if dist_backend_needs_device() else "cpu")
+    return all_reduce_sum(totals).tolist()
 
 
 def make_slices(val_tokens: np.ndarray, seq_len: int, num_seqs: int, byte_table: ByteTable,

@@ -34,8 +34,8 @@ import torch
 from ..config import Config, Tokens
 from ..data import ByteTable
 from ..diffusion import sigma, subs_log_probs, subs_logits
-from ..dist import all_reduce_sum, autocast, dist_backend_needs_device, rank_and_world
-from .harness import MODES, EvalSlices, make_slices, scored_positions, summarize
+from ..dist import autocast, rank_and_world
+from .harness import MODES, EvalSlices, make_slices, rank_share, reduce_sum, scored_positions, summarize
 
 ORDERS = ("left-to-right", "confidence", "margin")
 SCORE_BINS = 1024  # confidence and margin are ranked in steps of 1/1024, ties to the leftmost
@@ -72,13 +72,6 @@ class Schedule:
         if self.tokens_per_pass is not None:
             return f"{self.tokens_per_pass} token(s) per pass"
         return f"{self.passes} passes"
-
-
-def require_mdlm(cfg: Config) -> None:
-    """Planned-order decoding (and the coder built on it) needs a masked-diffusion model."""
-    if cfg.objective != "mdlm":
-        raise ValueError(f"planned-order decoding needs an MDLM; this model's objective is {cfg.objective!r} "
-                         f"(its `eval` is already the exact chain-rule code length)")
 
 
 def check_order(order: str) -> None:
@@ -128,18 +121,17 @@ def run_planned(model, x: torch.Tensor, scored: torch.Tensor, schedule: Schedule
 
     Pass k runs the network on the rows whose schedule has a k-th pass, chooses their positions and
     asks `reveal` for the tokens there. Everything the choice depends on is in x before the reveal.
-    A block diffusion model (block > 0) decodes its blocks left to right, each with the schedule, given
-    the decoded blocks before it (its clean half is x itself: later blocks are out of its sight).
+    Blocks of `block` tokens (0: the whole row) are decoded left to right, each with the schedule; the
+    model reads x as both x_t and the clean tokens, so a block diffusion model sees the decoded
+    blocks before the current one (later blocks are out of its sight).
     """
     check_order(order)
-    if not block:
-        return decode_passes(model, x, scored, schedule, order, eps, tokens, reveal)
+    width = block or x.size(1)
     forwards = [0] * x.size(0)
-    for lo in range(0, x.size(1), block):
+    for lo in range(0, x.size(1), width):
         in_block = torch.zeros_like(scored)
-        in_block[:, lo:lo + block] = True
-        counts = decode_passes(lambda x_rows, s: model(x_rows, s, clean=x_rows), x, scored & in_block, schedule,
-                               order, eps, tokens, reveal)
+        in_block[:, lo:lo + width] = True
+        counts = decode_passes(model, x, scored & in_block, schedule, order, eps, tokens, reveal)
         forwards = [a + b for a, b in zip(forwards, counts)]
     return forwards
 
@@ -158,7 +150,7 @@ def decode_passes(model, x: torch.Tensor, scored: torch.Tensor, schedule: Schedu
         x_rows = x[rows]
         masked = (x_rows == tokens.mask) & scored[rows]
         with autocast(x.device):
-            logits = model(x_rows, pass_sigma(masked, scored_count[rows], eps))
+            logits = model(x_rows, pass_sigma(masked, scored_count[rows], eps), x_rows)
         logits = subs_logits(logits, tokens)
         chosen = choose_positions(logits, masked, table[rows.cpu(), k], order)
         values = reveal(rows, logits, chosen)
@@ -204,48 +196,42 @@ def planned_bits(model, slices: EvalSlices, mode: str, order: str, *, passes: in
 
 def evaluate_planned(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: Config, *, order: str,
                      passes: int | None = None, tokens_per_pass: int | None = None, num_seqs: int,
-                     modes: tuple[str, ...] = MODES, device: torch.device | None = None) -> dict[str, dict]:
-    """Planned-order bpb of `model` on the first num_seqs val slices (0 = all), per mode.
+                     modes: tuple[str, ...] = MODES, device: torch.device) -> dict[str, dict]:
+    """Planned-order bpb of a masked-diffusion `model` on the first num_seqs val slices (0 = all), per mode.
 
-    Same slices, bytes and distributed split as eval.elbo.evaluate: rank r takes slices r, r + world,
-    ...; bits, tokens, bytes and network evaluations are summed over ranks in float64.
+    Same slices, bytes and distributed split as the ELBO: rank r takes slices r, r + world, ...; bits,
+    tokens, bytes and network evaluations are summed over ranks in float64.
     """
-    require_mdlm(cfg)
     schedule = Schedule(tokens_per_pass, passes)
     check_order(order)
-    device = device or next(model.parameters()).device
-    rank, world = rank_and_world()
-    was_training = model.training
-    model.eval()
-    slices = make_slices(val_tokens, cfg.seq_len, num_seqs, byte_table, cfg.pad_id)
-    mine = slices.subset(np.arange(rank, len(slices), world))
+    world = rank_and_world()[1]
+    slices = make_slices(val_tokens, cfg.seq_len, num_seqs, byte_table, cfg.tokens.pad)
+    mine = rank_share(slices)
+    block = cfg.block_size or cfg.seq_len
     results = {}
     for mode in modes:
         began = time.perf_counter()
         bits = planned_bits(model, mine, mode, order, passes=passes, tokens_per_pass=tokens_per_pass,
                             eps=cfg.noise_eps, vocab_size=cfg.vocab_size, batch_rows=cfg.eval_batch_rows,
-                            device=device, block=cfg.block if cfg.blockwise else 0)
-        scored_mask = scored_positions(torch.from_numpy(mine.tokens), mode, cfg.pad_id)
-        scored = scored_mask.sum(1).tolist()
-        per_block = scored_mask.view(len(mine), -1, cfg.block).sum(2).flatten().tolist()
+                            device=device, block=cfg.block_size)
+        scored_mask = scored_positions(torch.from_numpy(mine.tokens), mode, cfg.tokens.pad)
+        per_block = scored_mask.view(len(mine), -1, block).sum(2).flatten().tolist()
         evals = sum(len(schedule.counts(n)) for n in per_block)
-        totals = torch.tensor([bits.sum(), sum(scored), mine.token_bytes.sum(), evals], dtype=torch.float64,
-                              device=device if dist_backend_needs_device() else "cpu")
-        total_bits, num_tokens, num_bytes, network_evals = all_reduce_sum(totals).tolist()
+        total_bits, num_tokens, num_bytes, network_evals = reduce_sum(
+            [bits.sum(), scored_mask.sum().item(), mine.token_bytes.sum(), evals], device)
         seconds = time.perf_counter() - began
         results[mode] = summarize(
             total_bits, int(num_tokens), int(num_bytes),
             method="planned", mode=mode, order=order,
             bound=f"exact code length (planned-order decoding: {order}, {schedule.describe()}"
-                  f"{f' per block of {cfg.block}' if cfg.blockwise else ''}, "
-                  f"each pass coded with the product of the model's marginals)", block_size=cfg.block,
+                  f"{f' per block of {block}' if cfg.block_size else ''}, "
+                  f"each pass coded with the product of the model's marginals)", block_size=block,
             passes=network_evals / max(1, len(slices)), passes_requested=passes,
             tokens_per_pass=tokens_per_pass, network_evals=int(network_evals),
             num_seqs=len(slices), seq_len=cfg.seq_len, noise_eps=cfg.noise_eps,
             eval_seconds=seconds, world_size=world,
             seconds_per_slice_per_process=seconds * world / max(1, len(slices)),
         )
-    model.train(was_training)
     return results
 
 

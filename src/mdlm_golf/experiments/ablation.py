@@ -270,7 +270,7 @@ def markdown_table(result: dict) -> str:
 def plot(result: dict, path: Path) -> None:
     """Mean strict bpb vs value with std error bars, and each seed's runs as a thin line; log2 x for
     positive values spanning a factor of 4 or more (head counts, widths)."""
-    import matplotlib  # optional (the `plot` extra): only the figure needs it
+    import matplotlib  # imported here: a heavy import only the figure needs
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -157,7 +157,7 @@ def markdown_table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """bpb against training tokens and against training seconds: each seed a line, per recipe a colour."""
-    import matplotlib  # optional (the `plot` extra): only the figure needs it
+    import matplotlib  # imported here: a heavy import only the figure needs
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

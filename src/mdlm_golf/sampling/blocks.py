@@ -16,9 +16,9 @@ def denoise_blocks(model, cfg: Config, x: torch.Tensor, run: Denoising, kv_cache
     """Block diffusion's sampler: each block denoised by the in-block sampler given the clean blocks
     before it, which either sit in a KV cache (one clean forward per block, never recomputed) or are
     run again at every forward (kv_cache False: the training forward, as a check)."""
-    tokens, cache = run.tokens, KVCache(cfg.num_layers)
-    for lo in range(0, x.size(1), cfg.block):
-        hi = min(lo + cfg.block, x.size(1))
+    tokens, cache = run.tokens, model.new_cache()
+    for lo in range(0, x.size(1), cfg.block_size):
+        hi = min(lo + cfg.block_size, x.size(1))
         if kv_cache:
             network = cached_network(model, cache)
         else:
@@ -53,10 +53,10 @@ def recomputing_network(model, cfg: Config, past: torch.Tensor) -> Network:
     def network(region: torch.Tensor, rows: torch.Tensor, sigma_k: float) -> torch.Tensor:
         index = rows.nonzero().squeeze(1)
         seq = torch.cat([past[index], region[index]], 1)
-        fill = -seq.size(1) % cfg.block
-        seq = torch.cat([seq, torch.full((seq.size(0), fill), cfg.pad_id, dtype=seq.dtype, device=seq.device)], 1)
+        fill = -seq.size(1) % cfg.block_size
+        seq = torch.cat([seq, torch.full((seq.size(0), fill), cfg.tokens.pad, dtype=seq.dtype, device=seq.device)], 1)
         sigma_in = torch.full((index.numel(),), sigma_k, dtype=torch.float32, device=region.device)
         with autocast(region.device):
-            logits = model(seq, sigma_in, clean=seq)
+            logits = model(seq, sigma_in, seq)
         return logits[:, past.size(1): past.size(1) + region.size(1)]
     return network

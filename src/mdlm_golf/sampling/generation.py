@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from ..config import Config, Tokens
+from ..config import Config
 from ..dist import autocast
 from .blocks import denoise_blocks
 from .options import (SampleOptions, SampleResult, close_documents, first_pad, initial_canvas, live_widths,
@@ -50,14 +50,14 @@ def generate(model, cfg: Config, *, num: int, length: int, steps: int, sampler: 
                          float(temperature), float(top_p), int(seed))
     opts.check(cfg)
     device = torch.device(device)
-    if cfg.objective == "ar":
+    if cfg.autoregressive:
         return generate_left_to_right(model, cfg, opts, device)
-    tokens = Tokens(cfg.vocab_size)
+    tokens = cfg.tokens
     x = initial_canvas(opts, tokens).to(device)
     run = Denoising(opts, cfg, row_generators(opts))
     start = time.perf_counter()
     with torch.inference_mode():
-        if cfg.blockwise:
+        if cfg.block_size:
             x = denoise_blocks(model, cfg, x, run, kv_cache)
         else:
             def network(canvas: torch.Tensor, rows: torch.Tensor, sigma_k: float) -> torch.Tensor:
@@ -79,7 +79,7 @@ def generate_left_to_right(model, cfg: Config, opts: SampleOptions, device: torc
     The canvas is the diffusion samplers' (BOS, prompt, MASK...), filled left to right; a row whose
     new token is BOS or EOS is closed (PAD from there) and leaves the batch. `steps` is not used.
     """
-    tokens = Tokens(cfg.vocab_size)
+    tokens = cfg.tokens
     x = initial_canvas(opts, tokens).to(device)
     generators = row_generators(opts)
     nfe, row_nfe, positions, widths = 0, torch.zeros(opts.num, dtype=torch.long), 0, []

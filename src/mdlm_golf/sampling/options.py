@@ -36,7 +36,7 @@ class SampleOptions:
                              "(for greedy decoding use a tiny top_p)")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.length > cfg.seq_len and not cfg.blockwise:  # block sampling goes on past it
+        if self.length > cfg.seq_len and not cfg.block_size:  # block sampling goes on past it
             raise ValueError(f"length {self.length} exceeds the model's training length "
                              f"seq_len={cfg.seq_len}")
         if self.length < len(self.prompt_ids) + 2:

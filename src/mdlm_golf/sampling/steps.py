@@ -20,7 +20,7 @@ class Denoising:
     """The reverse process over a region of the canvas (all of it, or one block), and its counters."""
 
     def __init__(self, opts: SampleOptions, cfg: Config, generators: list[torch.Generator]):
-        self.opts, self.generators, self.tokens = opts, generators, Tokens(cfg.vocab_size)
+        self.opts, self.generators, self.tokens = opts, generators, cfg.tokens
         self.weights = reveal_weights(opts.steps, cfg.noise_eps).tolist()  # [k - 1]: reveal chance at step k
         self.sigmas = sigma(torch.arange(opts.steps + 1, dtype=torch.float64) / opts.steps, cfg.noise_eps).tolist()
         self.nfe, self.row_nfe, self.positions, self.widths = 0, torch.zeros(opts.num, dtype=torch.long), 0, []
@@ -59,7 +59,7 @@ def run_network(model, x: torch.Tensor, rows: torch.Tensor, widths: torch.Tensor
     """Logits [rows, W, vocab+2] for the selected rows, sliced to W = their widest live width.
 
     When a row is narrower than W, doc_ids put its PAD tail in a document of its own (id -1, as
-    diffusion.document_ids does), so its document attends only to itself.
+    attention.document_ids does), so its document attends only to itself.
     """
     index = rows.nonzero().squeeze(1)
     row_widths = widths[index]
@@ -70,7 +70,7 @@ def run_network(model, x: torch.Tensor, rows: torch.Tensor, widths: torch.Tensor
         doc_ids = -(torch.arange(width, device=x.device)[None] >= row_widths[:, None]).long()
     sigma_in = torch.full((index.numel(),), sigma_k, dtype=torch.float32, device=x.device)
     with autocast(x.device):
-        return model(x_in, sigma_in, doc_ids)
+        return model(x_in, sigma_in, doc_ids=doc_ids)
 
 
 def reveal_tokens(x: torch.Tensor, pick: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor,

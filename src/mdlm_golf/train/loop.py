@@ -15,13 +15,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..checkpoint import read_checkpoint, run_checkpoint, save_checkpoint
 from ..config import BOS_ID, Config
-from ..data import ByteTable, ShardedLoader, check_manifest_tokens, load_split, load_tokenizer, shard_paths
+from ..data import (ByteTable, ShardedLoader, check_batch_fits, check_manifest_tokens, load_split, load_tokenizer,
+                    read_shard_set, shard_paths)
 from ..diffusion import Noise, draw_noise
-from ..dist import DistEnv, all_reduce_sum, autocast, barrier, init_distributed, to_device
+from ..dist import DistEnv, all_reduce_sum, autocast, barrier, init_distributed, process_group_active, shutdown, to_device
 from ..eval import HEADLINE_MODES, evaluate, format_result, headline
 from ..files import write_text_atomic
-from ..model import MDLM
-from ..objective import Objective, scored_count
+from ..model import Transformer
+from ..objective import LossModule, Prepare, objective_for
 from .control import Due, RunControl, Stop, StopSignal, TrainClock
 from .optim import Optimizers, WeightEMA, build_optimizer, lr_factor
 from .rundir import CHECKPOINT_NAME, clear_run_dir, restore_training_state, save_training_state
@@ -32,14 +33,31 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
           resume: bool = False, replace: bool = False, device: torch.device | None = None,
           echo: Callable[[str], None] = print) -> dict:
     """Train on DIR's train shards (one process or torchrun), save RUN/model.pt, evaluate.
-    replace: an old run in RUN is cleared, once the data, tokenizer and model are ready."""
+    replace: an old run in RUN is cleared, once the data, tokenizer and model are ready. Whatever
+    happens, the run's log and prefetch thread are released, and the torchrun process group too when
+    this call opened it (a caller that opened it keeps it, e.g. to evaluate after)."""
+    owns_group = not process_group_active()
     env = init_distributed(device)
-    cfg = cfg.for_world(env.world_size)
-    run = open_run(cfg, env, data_dir, Path(out_dir), tokenizer_path, resume=resume, replace=replace,
-                   run_eval=run_eval, echo=echo)
-    model, optimizer, ema, loader, log = run.model, run.optimizer, run.ema, run.loader, run.log
+    finished = False
+    try:
+        run = open_run(cfg.for_world(env.world_size), env, data_dir, Path(out_dir), tokenizer_path,
+                       resume=resume, replace=replace, run_eval=run_eval, echo=echo)
+        try:
+            summary = run_steps(run, data_dir, run_eval)
+        finally:
+            run.close()
+        finished = True
+        return summary
+    finally:
+        if owns_group:
+            shutdown(clean=finished)
+
+
+def run_steps(run: "Run", data_dir: Path, run_eval: bool) -> dict:
+    """The training loop from the run's first step, then finish(): the model, or a checkpoint to resume."""
+    cfg, env, model, optimizer, ema, loader, log = run.cfg, run.env, run.model, run.optimizer, run.ema, run.loader, run.log
     if cfg.compile:
-        log.line(f"compile: warm-up took {warm_up(run.objective, model, cfg, env):.1f}s "
+        log.line(f"compile: warm-up took {warm_up(run.loss, run.prepare, model, cfg, env):.1f}s "
                  f"(off the training clock)")
     clock = TrainClock(env.device, run.seconds)
     meter = StepMeter(cfg, model, env.device, env.world_size, run.step, run.seconds)
@@ -49,7 +67,7 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
         for step in range(run.step, cfg.steps):
             scale = lr_factor(step, cfg, control.seconds_at(step))
             optimizer.set_lr_factor(scale)
-            step_loss = train_step(run.objective, model, optimizer, loader, cfg, step, env)
+            step_loss = train_step(run.loss, run.prepare, model, optimizer, loader, cfg, step, env)
             if ema:
                 ema.update()
             meter.add(step, step_loss)
@@ -61,7 +79,6 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
             seconds = clock.read()
             loss_total, reason = control.vote(done, seconds, meter.loss_sum)  # the host sync
             if not math.isfinite(loss_total):
-                run.close()
                 raise meter.non_finite(loss_total, done)
             if due.log or reason:
                 loss, speed = meter.measure(done, seconds, loss_total)
@@ -77,23 +94,22 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
     return finish(run, stop, done, seconds, clock.read(), meter.losses, data_dir, run_eval)
 
 
-def train_step(objective: torch.nn.Module, model: MDLM, optimizer: Optimizers,
+def train_step(loss_module: torch.nn.Module, prepare: Prepare, model: Transformer, optimizer: Optimizers,
                loader: ShardedLoader, cfg: Config, step: int, env: DistEnv) -> torch.Tensor:
     """One optimizer step over grad_accum micro-batches; returns the step's loss share of this rank
     (a device tensor: reading it is left to the log steps)."""
     device = env.device
     noise = step_noise(cfg, step, env.world_size, device)
-    batches = [to_device(loader.next_rows(cfg.batch_rows), device) for _ in range(cfg.grad_accum)]
-    noises = [noise.rows(global_row_ids(m, cfg.batch_rows, env.rank, env.world_size).to(device))
-              for m in range(cfg.grad_accum)]
+    batches = [prepare(to_device(loader.next_rows(cfg.batch_rows), device),
+                       noise.rows(global_row_ids(m, cfg.batch_rows, env.rank, env.world_size).to(device)))
+               for m in range(cfg.grad_accum)]
     # normalize by the scored tokens of the whole global batch, so any split gives one loss
-    scored = sum(scored_count(x0, cfg, n) for x0, n in zip(batches, noises))
-    scored = all_reduce_sum(scored.double()).clamp(min=1)
+    scored = all_reduce_sum(sum(batch.scored for batch in batches).double()).clamp(min=1)
     step_loss = torch.zeros((), device=device, dtype=torch.float64)
-    for micro, (x0, n) in enumerate(zip(batches, noises)):
+    for micro, batch in enumerate(batches):
         last = micro == cfg.grad_accum - 1
-        with (objective.no_sync() if env.distributed and not last else nullcontext()), autocast(env.device):
-            weighted_sum, _ = objective(x0, n.t, n.mask_u, n.anchor_u)
+        with (loss_module.no_sync() if env.distributed and not last else nullcontext()), autocast(env.device):
+            weighted_sum = loss_module(*batch.loss_args())
         # DDP averages gradients over ranks; scaling by world size makes that a sum
         (weighted_sum * (env.world_size / scored)).backward()
         step_loss += weighted_sum.detach().double() / scored
@@ -116,18 +132,18 @@ def global_row_ids(micro: int, rows: int, rank: int, world_size: int) -> torch.T
     return micro * rows * world_size + rank + world_size * torch.arange(rows)
 
 
-def build_objective(model: MDLM, cfg: Config, env: DistEnv) -> torch.nn.Module:
+def build_loss_module(model: Transformer, cfg: Config, env: DistEnv) -> torch.nn.Module:
     """Model + loss, compiled when cfg.compile (FlexAttention document masks on CUDA), DDP-wrapped
     under torchrun."""
-    objective = Objective(model, cfg, flex=cfg.compile and env.device.type == "cuda")
+    loss_module = LossModule(model, flex=cfg.compile and env.device.type == "cuda")
     if cfg.compile:
-        objective = torch.compile(objective)
+        loss_module = torch.compile(loss_module)
     if env.distributed:
-        objective = DDP(objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    return objective
+        loss_module = DDP(loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return loss_module
 
 
-def warm_up(objective: torch.nn.Module, model: MDLM, cfg: Config, env: DistEnv) -> float:
+def warm_up(loss_module: torch.nn.Module, prepare: Prepare, model: Transformer, cfg: Config, env: DistEnv) -> float:
     """Compile with one forward/backward on synthetic rows of the training shape; changes nothing."""
     began = time.perf_counter()
     generator = torch.Generator().manual_seed(0)
@@ -135,7 +151,7 @@ def warm_up(objective: torch.nn.Module, model: MDLM, cfg: Config, env: DistEnv) 
     x0[:, 0] = BOS_ID
     noise = draw_noise(cfg.batch_rows, cfg.seq_len, torch.Generator(env.device).manual_seed(0))
     with autocast(env.device):
-        weighted_sum, _ = objective(x0.to(env.device), noise.t, noise.mask_u, noise.anchor_u)
+        weighted_sum = loss_module(*prepare(x0.to(env.device), noise).loss_args())
     weighted_sum.backward()
     model.zero_grad(set_to_none=True)
     if env.device.type == "cuda":
@@ -154,10 +170,11 @@ class Run:
     byte_table: ByteTable
     val_tokens: np.ndarray | None
     loader: ShardedLoader
-    model: MDLM
+    model: Transformer
     optimizer: Optimizers
     ema: WeightEMA | None
-    objective: torch.nn.Module
+    prepare: Prepare  # the objective: a micro-batch and its noise -> what the loss reads
+    loss: torch.nn.Module  # model + loss (compiled, DDP-wrapped)
     log: RunLog
     step: int
     seconds: float
@@ -170,11 +187,11 @@ class Run:
         """Training tokens of `done` steps, over every rank."""
         return done * self.cfg.tokens_per_step * self.env.world_size
 
-    def shipped_model(self) -> MDLM:
+    def shipped_model(self) -> Transformer:
         """The weights eval, export and sampling use: the EMA's when there is one (a copy), else the model."""
         if self.ema is None:
             return self.model
-        copy = MDLM(self.model.cfg).to(next(self.model.parameters()).device)
+        copy = Transformer(self.model.cfg).to(next(self.model.parameters()).device)
         copy.load_state_dict(self.ema.averaged_state(self.model))
         return copy
 
@@ -197,36 +214,53 @@ class Run:
                         elapsed_s=elapsed)
 
     def close(self) -> None:
-        """Close the log and stop the loader's prefetch."""
+        """Close the log and stop the loader's prefetch (again after finish() is harmless)."""
         self.log.close()
         self.loader.close()
 
 
 def open_run(cfg: Config, env: DistEnv, data_dir: Path, out_dir: Path, tokenizer_path: Path, *,
              resume: bool, replace: bool, run_eval: bool, echo: Callable[[str], None]) -> Run:
-    """Data, model, optimizer, EMA, objective (restored from RUN/checkpoint.pt on resume); the log begun."""
+    """Data, model, optimizer, EMA, objective (restored from RUN/checkpoint.pt on resume); the log begun.
+    Every input is read and checked before an old run is cleared (replace) or the log is opened."""
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     state = read_checkpoint(out_dir / CHECKPOINT_NAME) if resume else None
     byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer_path), cfg.vocab_size)
     val_tokens = load_split(data_dir, "val", cfg.vocab_size) if run_eval or cfg.val_every else None
-    loader = ShardedLoader(shard_paths(data_dir, "train"), cfg.seq_len, cfg.layout, cfg.pad_id,
-                           cfg.vocab_size, cfg.seed, shards_per_group=cfg.shards_per_group,
-                           batches_per_group=cfg.batches_per_group or None, rank=env.rank,
-                           world_size=env.world_size, batch_rows=cfg.batch_rows)
-    check_manifest_tokens(data_dir, "train", loader.total_tokens)
+    train_shards = shard_paths(data_dir, "train")
+    _, source, counts = read_shard_set(train_shards)
+    check_batch_fits(source, counts, cfg.batch_rows, cfg.seq_len, env.world_size)
+    check_manifest_tokens(data_dir, "train", sum(counts))
     torch.manual_seed(cfg.seed)
-    model = MDLM(cfg).to(env.device)
+    model = Transformer(cfg).to(env.device)
     optimizer = build_optimizer(model, cfg, env.device)
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None
-    step, seconds = 0, 0.0
-    if state is not None:
-        step, seconds = restore_training_state(state, out_dir / CHECKPOINT_NAME, cfg, env.world_size, model,
-                                               optimizer, ema, loader)
-    objective = build_objective(model, cfg, env)
     if replace and env.is_main:  # every input opened without error: only now may the old run go
         clear_run_dir(out_dir)
     log = RunLog(out_dir, cfg.steps, echo, enabled=env.is_main)
+    loader = ShardedLoader(train_shards, cfg.seq_len, cfg.layout, cfg.tokens.pad, cfg.vocab_size, cfg.seed,
+                           shards_per_group=cfg.shards_per_group, batches_per_group=cfg.batches_per_group or None,
+                           rank=env.rank, world_size=env.world_size, batch_rows=cfg.batch_rows,
+                           on_wait=log.data_wait)
+    step, seconds = 0, 0.0
+    try:
+        if state is not None:
+            step, seconds = restore_training_state(state, out_dir / CHECKPOINT_NAME, cfg, env.world_size, model,
+                                                   optimizer, ema, loader)
+        loss_module = build_loss_module(model, cfg, env)
+        begin_log(log, cfg, env, model, loader, out_dir, resume, step)
+    except BaseException:
+        log.close()
+        loader.close()
+        raise
+    return Run(cfg, env, out_dir, tokenizer_path, byte_table, val_tokens, loader, model, optimizer, ema,
+               objective_for(cfg), loss_module, log, step, seconds)
+
+
+def begin_log(log: RunLog, cfg: Config, env: DistEnv, model: Transformer, loader: ShardedLoader, out_dir: Path,
+              resume: bool, step: int) -> None:
+    """RUN/config.json, the resumed run's metrics cut back to its checkpoint, and the run's header lines."""
     if env.is_main:
         cfg.save(out_dir / "config.json")
         if resume:
@@ -235,16 +269,13 @@ def open_run(cfg: Config, env: DistEnv, data_dir: Path, out_dir: Path, tokenizer
     for line in describe_run(cfg, model, env.device, loader.total_tokens, env.world_size):
         log.line(line)
     log.line("loader: " + loader.describe())
-    loader.on_wait = log.data_wait
-    return Run(cfg, env, out_dir, tokenizer_path, byte_table, val_tokens, loader, model, optimizer, ema,
-               objective, log, step, seconds)
 
 
 def finish(run: Run, stop: Stop, done: int, seconds: float, train_seconds: float, losses: list[float],
            data_dir: Path, run_eval: bool) -> dict:
     """After the last step: a checkpoint to resume from after a signal; else RUN/model.pt and its eval."""
     cfg, log = run.cfg, run.log
-    run.loader.close()
+    run.loader.close()  # no more batches: stop the prefetch before the final save and eval
     stop_reason = stop.describe(cfg, seconds)
     log.line(f"stopped at step {done}: {stop_reason}; training time {train_seconds:.1f}s")
     summary = {"steps": done, "train_seconds": train_seconds, "stop_reason": stop_reason,
@@ -263,7 +294,7 @@ def finish(run: Run, stop: Stop, done: int, seconds: float, train_seconds: float
     return summary
 
 
-def final_eval(run: Run, final: MDLM) -> dict:
+def final_eval(run: Run, final: Transformer) -> dict:
     """Every eval mode on the shipped weights, to the log and RUN/eval.json."""
     cfg = run.cfg
     results = evaluate(final, run.val_tokens, run.byte_table, cfg, steps=cfg.elbo_steps,

@@ -2,6 +2,7 @@
 continues from (its config checked against RUN/config.json and the flags)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from ..config import Config, config_from_dict, with_defaults
 from ..data import ShardedLoader
 from ..files import read_json_object
-from ..model import MDLM
+from ..model import Transformer
 from .optim import Optimizers, WeightEMA
 
 CHECKPOINT_NAME = "checkpoint.pt"  # training state for --resume; model.pt holds the final weights
@@ -49,8 +50,7 @@ def resume_config(run_dir: Path, overrides: dict) -> Config:
         if name not in RESUMABLE_FIELDS and getattr(cfg, name) != value:
             raise CheckpointError(f"{path}: saved with {name}={getattr(cfg, name)!r}, "
                                   f"asked for {value!r}; a resumed run keeps its config")
-        setattr(cfg, name, value)
-    cfg.validate()  # setattr skipped it
+    cfg = dataclasses.replace(cfg, **overrides)  # validated as any new config is
     if cfg.steps < state.get("step", 0):
         raise CheckpointError(f"{path}: saved at step {state['step']}; --steps {cfg.steps} is fewer than the "
                               f"steps done (a resumed run trains on to --steps)")
@@ -64,7 +64,10 @@ def check_saved_config(run_dir: Path, cfg: Config) -> None:
     saved = read_json_object(path, CheckpointError)
     if saved is None:
         return
-    saved = with_defaults(saved)
+    try:  # read as a config is (defaults for fields added since, one spelling of each value)
+        saved = config_from_dict(with_defaults(saved), str(path)).to_dict()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad config ({e})") from None
     # grad_accum follows the process count when global_batch_rows fixes the batch
     free = RESUMABLE_FIELDS | ({"grad_accum"} if cfg.global_batch_rows else set())
     ours = cfg.to_dict()
@@ -75,7 +78,7 @@ def check_saved_config(run_dir: Path, cfg: Config) -> None:
                               f"with {name}={ours.get(name)!r}; a resumed run keeps its model and data config")
 
 
-def save_training_state(path: Path, model: MDLM, cfg: Config, optimizer: Optimizers, ema: WeightEMA | None,
+def save_training_state(path: Path, model: Transformer, cfg: Config, optimizer: Optimizers, ema: WeightEMA | None,
                         loader: ShardedLoader, *, step: int, seconds: float, world_size: int,
                         tokenizer: str) -> None:
     """RUN/checkpoint.pt: everything --resume needs after `step` steps and `seconds` of training."""
@@ -85,7 +88,7 @@ def save_training_state(path: Path, model: MDLM, cfg: Config, optimizer: Optimiz
                     tokenizer=tokenizer)
 
 
-def restore_training_state(state: dict, path: Path, cfg: Config, world_size: int, model: MDLM,
+def restore_training_state(state: dict, path: Path, cfg: Config, world_size: int, model: Transformer,
                            optimizer: Optimizers, ema: WeightEMA | None,
                            loader: ShardedLoader) -> tuple[int, float]:
     """Model, optimizer, EMA, loader position and RNG from a training checkpoint (one-line errors);

@@ -15,7 +15,7 @@ import torch
 
 from ..config import Config
 from ..files import write_text_atomic
-from ..model import MDLM
+from ..model import Transformer
 
 try:
     import resource  # the process's peak RSS, the CPU's memory figure; POSIX only
@@ -109,20 +109,6 @@ class RunLog:
             self.metrics.close()
 
 
-def matmul_params(model: MDLM) -> int:
-    """Weights of the per-token matmuls: the attention and MLP Linears of every block, and the head.
-    The embedding is a lookup and the adaLN Linears run once per row, so they are left out."""
-    return sum(m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-               and (name.startswith("blocks.") and "adaln" not in name or name == "head"))
-
-
-def flops_per_token(cfg: Config, model: MDLM) -> int:
-    """Training FLOPs per token, forward and backward: 6 N_matmul + 12 n_layers d_model seq_len, run at
-    k = 2 positions per token for block diffusion ([x_t ; x_0], attention over 2L): k (6 N + 12 n d k L)."""
-    k = 2 if cfg.blockwise else 1
-    return k * (6 * matmul_params(model) + 12 * cfg.num_layers * cfg.model_dim * cfg.seq_len * k)
-
-
 def peak_flops(device: torch.device) -> float | None:
     """The card's dense bf16 peak FLOP/s from PEAK_FLOPS; None on a CPU or an unlisted card."""
     if device.type != "cuda":
@@ -144,10 +130,10 @@ class StepMeter:
     """What a step line reports since the line before: the mean loss (summed on the device, read only at
     a vote), dt, tok/s, MFU and peak memory; and the first step whose loss was not finite."""
 
-    def __init__(self, cfg: Config, model: MDLM, device: torch.device, world_size: int, step: int,
+    def __init__(self, cfg: Config, model: Transformer, device: torch.device, world_size: int, step: int,
                  seconds: float):
         self.device, self.tokens_per_step = device, cfg.tokens_per_step * world_size
-        self.flops_per_token, peak = flops_per_token(cfg, model), peak_flops(device)
+        self.flops_per_token, peak = model.flops_per_token(), peak_flops(device)
         self.peak = peak * world_size if peak else None
         self.last_step, self.last_seconds = step, seconds  # the previous line's
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -198,7 +184,7 @@ def step_line(done: int, cfg: Config, loss: float, lr: float, speed: dict) -> st
             f"tok/s {speed['tokens_per_s']:,.0f} | mfu {mfu} | mem {format_bytes(speed['peak_mem_bytes'])}")
 
 
-def describe_run(cfg: Config, model: MDLM, device: torch.device, tokens: int, world_size: int) -> list[str]:
+def describe_run(cfg: Config, model: Transformer, device: torch.device, tokens: int, world_size: int) -> list[str]:
     """The run log's header: code and library versions, the device, the model, the data, the config."""
     return [
         f"mdlm-golf {git_revision()} | python {platform.python_version()} | torch {torch.__version__} "
@@ -206,8 +192,7 @@ def describe_run(cfg: Config, model: MDLM, device: torch.device, tokens: int, wo
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         f"model: {model.num_params():,} parameters ({cfg.num_layers} layers, width {cfg.model_dim}, "
         f"{cfg.num_heads} heads, MLP x{cfg.mlp_mult}, seq {cfg.seq_len}); "
-        f"{flops_per_token(cfg, model):,} training FLOP/token (6 N_matmul + 12 n_layers d_model seq_len"
-        f"{', x2 positions and keys: block diffusion' if cfg.blockwise else ''})",
+        f"{model.flops_per_token():,} training FLOP/token ({model.flop_formula()})",
         f"data: {tokens:,} training tokens, layout {cfg.layout}; "
         f"{cfg.tokens_per_step * world_size:,} tokens/step ({cfg.batch_rows} rows x {cfg.grad_accum} "
         f"accumulation x {world_size} processes x {cfg.seq_len})",
