@@ -1,4 +1,5 @@
-"""The fresh-machine demo: its own corpus and tokenizer, a run, a summary with both bpb figures."""
+"""The fresh-machine demo: its own corpus and tokenizer, a run, a summary with both bpb figures, two
+seeded samples and a PNG of the loss curve."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,9 @@ def test_demo_end_to_end_and_reuses_its_data(tmp_path, capsys):
     for mode in ("strict", "anchored"):
         assert f"{summary['eval'][mode]['bpb']:.4f}" in out
     assert "upper bound" in out and "== mdlm-golf demo ==" in out
+    assert out.count("\nsample ") == 2  # two seeded samples of the model it trained
+    assert f"curve {tmp_path / 'loss.png'}" in out
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
     run_demo(tmp_path, steps=2, elbo_steps=2, eval_num_seqs=2, log_every=1)
     assert "reusing prepared data" in capsys.readouterr().out

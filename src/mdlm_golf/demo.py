@@ -10,13 +10,16 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .checkpoint import load_model, run_checkpoint
 from .config import build_config
-from .files import write_text_atomic
-from .data import prepare, read_manifest
+from .data import load_tokenizer, prepare, read_manifest
+from .files import atomic_path, write_text_atomic
+from .sampling import decode_rows, generate
 from .train import train
 
 MIN_DOC_CHARS = 80
 VAL_DOCS = 400  # shorter docstrings ("Return x.") teach little and bloat the BOS count
+SAMPLES, SAMPLE_LENGTH, SAMPLE_STEPS, SAMPLE_SEED = 2, 48, 32, 0  # what the demo shows of its model
 
 
 def pydoc_topics() -> Iterator[str]:
@@ -59,8 +62,37 @@ def build_corpus(path: Path) -> dict:
     return {"docs": len(docs), "chars": sum(map(len, docs))}
 
 
+def demo_samples(run_dir: Path, tokenizer: Path) -> list[str]:
+    """SAMPLES seeded samples of the run's model: what its strict bpb reads like."""
+    model, cfg, _ = load_model(run_checkpoint(run_dir), "cpu")
+    result = generate(model, cfg, num=SAMPLES, length=SAMPLE_LENGTH, steps=SAMPLE_STEPS, seed=SAMPLE_SEED)
+    return decode_rows(load_tokenizer(tokenizer), result.rows)
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> None:
+    """The run's logged training loss against steps, as a PNG."""
+    import matplotlib  # imported here: a heavy import only the figure needs
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    try:
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], marker=".", lw=1.2)
+        ax.set(xlabel="step", ylabel="training loss (nats per scored token)", title="mdlm-golf demo")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_path(png_path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
 def run_demo(out: Path, steps: int | None = None, **overrides) -> dict:
-    """Corpus -> SP-1024 tokenizer -> shards -> train the demo preset -> strict/anchored bpb."""
+    """Corpus -> SP-1024 tokenizer -> shards -> train the demo preset -> strict/anchored bpb, two samples
+    and a loss curve."""
     began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data_dir, corpus = out / "data", out / "stdlib_docs.jsonl"
@@ -75,7 +107,10 @@ def run_demo(out: Path, steps: int | None = None, **overrides) -> dict:
         manifest = prepare(corpus, data_dir, None, vocab_size=1024, val_docs=VAL_DOCS, overwrite=True)
     cfg = build_config("demo", environ={}, overrides={"steps": steps, **overrides})
     # the demo's own run: a rerun replaces it
-    summary = train(cfg, data_dir, out / "run", Path(manifest["tokenizer"]), replace=True)
+    run_dir, tokenizer = out / "run", Path(manifest["tokenizer"])
+    summary = train(cfg, data_dir, run_dir, tokenizer, replace=True)
+    samples = demo_samples(run_dir, tokenizer)
+    plot_loss(run_dir / "metrics.jsonl", out / "loss.png")
     strict, anchored = summary["eval"]["strict"], summary["eval"]["anchored"]
     losses = summary["losses"]
     lines = [
@@ -84,12 +119,16 @@ def run_demo(out: Path, steps: int | None = None, **overrides) -> dict:
         f"({manifest['train']['docs']:,} / {manifest['val']['docs']:,} documents), SP-1024 trained here",
         f"model     {summary['num_params']:,} parameters, {summary['steps']} steps in "
         f"{summary['train_seconds']:.0f}s",
-        f"loss      {losses[0]:.3f} -> {losses[-1]:.3f} nats per scored token (continuous-time ELBO)",
+        f"loss      {losses[0]:.3f} -> {losses[-1]:.3f} nats per scored token (continuous-time ELBO); "
+        f"curve {out / 'loss.png'}",
         f"strict    {strict['bpb']:.4f} bpb  ({strict['elbo_steps']}-step ELBO upper bound, "
         f"{strict['tokens']:,} tokens, {strict['bytes']:,} bytes, {strict['bytes_per_token']:.3f} bytes/token)",
         f"anchored  {anchored['bpb']:.4f} bpb  (same, BOS given)",
         f"uniform   {10 / strict['bytes_per_token']:.4f} bpb  (log2(1024) bits per token: the untrained model)",
-        f"time      {time.perf_counter() - began:.0f}s total; run folder {out / 'run'}",
+        *(f"sample {i}  {text[:200]!r}" for i, text in enumerate(samples)),
+        f"          ({SAMPLE_LENGTH} tokens at most, {SAMPLE_STEPS} denoising steps, seed {SAMPLE_SEED}: "
+        f"mdlm-golf sample --run {run_dir} --num {SAMPLES} --length {SAMPLE_LENGTH} --steps {SAMPLE_STEPS})",
+        f"time      {time.perf_counter() - began:.0f}s total; run folder {run_dir}",
     ]
     print("\n".join(lines))
     return summary
