@@ -1,9 +1,13 @@
-"""Block diffusion's cost: training tokens/s (the [x_t ; x_0] forward is 2L positions), ELBO scoring
-slices/s, and sampling tokens/s with and without the KV cache, for each block size at one shape.
+"""Block diffusion's cost: training tokens/s (the [x_t ; x_0] forward is 2L positions; the encoder-decoder
+runs its encoder over x_0 and K decoder layers over x_t), training FLOPs per token (the model's formula),
+ELBO scoring slices/s, and sampling tokens/s with and without the KV cache, for each kind at one shape.
 
     python bench/blocks.py                      # the demo shape on the CPU, B in {seq_len, 64, 16, 4}
         [--preset demo] [--blocks 0,64,16,4] [--steps 6] [--eval-slices 8] [--eval-steps 8]
         [--samples 4] [--sample-len 128] [--sample-steps 8] [--device cpu|cuda] [--json OUT]
+
+A kind in --blocks is B (block size; 0 = the plain MDLM), B:K (an encoder-decoder with K decoder layers
+of its own) or B:Kt (K decoder layers tied to the top encoder layers): --blocks 0,2,2:1,2:2,4:1,2:1t.
 
 Training times the package's own LossModule (loss + backward) on random rows that start with BOS, one
 process, float32 on the CPU (bf16 autocast on CUDA), median of --steps after one untimed step; the
@@ -81,12 +85,20 @@ def sample_tokens_per_s(model: Transformer, cfg: Config, args: argparse.Namespac
     return result.generated_tokens / result.elapsed
 
 
-def measure(block: int, args: argparse.Namespace) -> dict:
+def parse_kind(text: str) -> dict:
+    """'B', 'B:K' or 'B:Kt' -> the config fields of that kind."""
+    block, _, decoder = text.partition(":")
+    return {"block_size": int(block), "decoder_layers": int(decoder.rstrip("t") or 0),
+            "decoder_tied": decoder.endswith("t")}
+
+
+def measure(kind: str, args: argparse.Namespace) -> dict:
     base = build_config(args.preset, environ={})
-    cfg = dataclasses.replace(base, block_size=block)
+    cfg = dataclasses.replace(base, **parse_kind(kind))
     torch.manual_seed(0)
     model = Transformer(cfg).to(args.device)
-    row = {"block": cfg.block_size or cfg.seq_len, "blockwise": bool(cfg.block_size), "seq_len": cfg.seq_len,
+    row = {"kind": kind, "block": cfg.block_size or cfg.seq_len, "blockwise": bool(cfg.block_size),
+           "seq_len": cfg.seq_len, "params": model.num_params(), "flops_per_token": model.flops_per_token(),
            "train_tokens_per_s": train_tokens_per_s(model, cfg, args.steps, args.device)}
     model.eval()
     with torch.no_grad():
@@ -101,12 +113,14 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
     plain = next((r for r in rows if not r["blockwise"]), rows[0])
     lines = [f"machine: {cpu_model() if args.device.type == 'cpu' else torch.cuda.get_device_name()}, "
              f"torch {torch.__version__}, threads {torch.get_num_threads()}; preset {args.preset}",
-             "| block | train tok/s | vs plain | eval slices/s | sample tok/s (KV cache) | sample tok/s (no cache) |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| kind | params | train FLOP/token (vs plain) | train tok/s | time/token vs plain | eval slices/s | "
+             "sample tok/s (KV cache) | sample tok/s (no cache) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         uncached = f"{r['sample_tokens_per_s_uncached']:,.0f}" if "sample_tokens_per_s_uncached" in r else "-"
-        lines.append(f"| {r['block']} | {r['train_tokens_per_s']:,.0f} | "
-                     f"{r['train_tokens_per_s'] / plain['train_tokens_per_s']:.2f}x | {r['eval_slices_per_s']:.2f} | "
+        lines.append(f"| {r['kind']} | {r['params']:,} | {r['flops_per_token']:,} "
+                     f"({r['flops_per_token'] / plain['flops_per_token']:.2f}x) | {r['train_tokens_per_s']:,.0f} | "
+                     f"{plain['train_tokens_per_s'] / r['train_tokens_per_s']:.2f}x | {r['eval_slices_per_s']:.2f} | "
                      f"{r['sample_tokens_per_s']:,.0f} | {uncached} |")
     return "\n".join(lines)
 
@@ -114,7 +128,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="demo")
-    parser.add_argument("--blocks", default="0,64,16,4", help="block sizes; 0 = the plain MDLM")
+    parser.add_argument("--blocks", default="0,64,16,4",
+                        help="kinds: B (0 = the plain MDLM), B:K (K decoder layers), B:Kt (tied)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--eval-slices", type=int, default=8)
     parser.add_argument("--eval-steps", type=int, default=8)
@@ -126,8 +141,8 @@ def main() -> None:
     args = parser.parse_args()
     args.device = args.device or pick_device()
     rows = []
-    for block in (int(b) for b in args.blocks.split(",")):
-        rows.append(measure(block, args))
+    for kind in args.blocks.split(","):
+        rows.append(measure(kind.strip(), args))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

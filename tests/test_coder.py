@@ -140,14 +140,14 @@ def quantized_bits(model, cfg, slices, mode: str, order: str, schedule: dict) ->
     for start in range(0, x0.size(0), 3):
         rows_x0, rows_scored = x0[start:start + 3], scored[start:start + 3]
 
-        def reveal(rows, logits, chosen):
+        def reveal(rows, logits, chosen, cols):
             nonlocal total
             r, pos = chosen.nonzero(as_tuple=True)
             cum = cumulative_frequencies(logits[r, pos], cfg.vocab_size)
-            ids = rows_x0[rows][r, pos].numpy()
+            ids = rows_x0[rows][:, cols][r, pos].numpy()
             freq = np.diff(np.concatenate([np.zeros((len(ids), 1), np.int64), cum], 1), axis=1)
             total -= np.log2(freq[np.arange(len(ids)), ids] / cum[:, -1]).sum()
-            return rows_x0[rows]
+            return rows_x0[rows][:, cols]
 
         with torch.no_grad():
             run_planned(model, masked_start(rows_x0, rows_scored, tokens), rows_scored, Schedule(**schedule),

@@ -105,14 +105,18 @@ def test_global_batch_rows_sets_grad_accum_per_world_size(data_dir, runs, tmp_pa
         assert first["loss"] == pytest.approx(records(runs["R1"])[0]["loss"], rel=1e-5), name
 
 
-def test_block_diffusion_under_torchrun_matches_one_process(data_dir, tmp_path):
+@pytest.mark.parametrize("kind, extra, described", [
+    ("two-half", [], "block diffusion runs [x_t ; x_0]"),
+    ("encoder-decoder", ["--decoder-layers", "1"], "N_encoder + N_decoder"),
+])
+def test_block_diffusion_under_torchrun_matches_one_process(data_dir, tmp_path, kind, extra, described):
     flags = ["--preset", "tiny", "--steps", "2", "--log-every", "1", "--no-eval", "--block-size", "16",
-             "--global-batch-rows", "8", "--batch-rows", "4"]
+             "--global-batch-rows", "8", "--batch-rows", "4", *extra]
     assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "B1"), *flags]) == 0
     run(["train", "--data", str(data_dir), "--out", str(tmp_path / "B2"), *flags], tmp_path, torchrun=True)
     one, two = records(tmp_path / "B1"), records(tmp_path / "B2")
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
-    assert "block diffusion runs [x_t ; x_0]" in (tmp_path / "B2" / "train.log").read_text()
+    assert described in (tmp_path / "B2" / "train.log").read_text()
 
 
 def test_ar_with_muon_under_torchrun_matches_one_process(data_dir, tmp_path):

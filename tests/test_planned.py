@@ -11,11 +11,10 @@ from torch import nn
 
 from mdlm_golf.config import BOS_ID, Tokens, build_config
 from mdlm_golf.diffusion import subs_log_probs
-from mdlm_golf.eval.harness import make_slices, scored_positions
-from mdlm_golf.model import Transformer
 from mdlm_golf.eval import evaluate
-from mdlm_golf.eval.planned import (ORDERS, Schedule, format_planned_result, masked_start, planned_bits,
-                                    run_planned)
+from mdlm_golf.eval.harness import format_result, make_slices, scored_positions
+from mdlm_golf.eval.planned import ORDERS, Schedule, masked_start, planned_bits, run_planned
+from mdlm_golf.model import Transformer
 
 V = 1024
 TOKENS = Tokens(V)
@@ -58,7 +57,7 @@ def reveal_sets(model, x0: torch.Tensor, mode: str, order: str, schedule: Schedu
     scored = scored_positions(x0, mode, PAD)
     passes: list[list[list[int]]] = []
 
-    def record(rows, logits, chosen):
+    def record(rows, logits, chosen, cols):
         sets = [[] for _ in range(x0.size(0))]
         for r, row in zip(rows.tolist(), chosen):
             sets[r] = row.nonzero().squeeze(1).tolist()
@@ -247,7 +246,7 @@ def test_planned_evaluation_fields_bytes_and_determinism():
         assert r["bpb_legacy_4p3"] == pytest.approx(r["bits"] / (r["tokens"] * 4.3), rel=1e-12)
         assert r["num_seqs"] == 6 and r["seq_len"] == 64
         assert r["bits"] == again[mode]["bits"]  # nothing random
-        assert "exact planned-order code length" in format_planned_result(r)
+        assert "exact planned-order code length" in format_result(r)
     first2 = evaluate(model, val, table, cfg, method="planned", order="margin", passes=8, num_seqs=2, device=CPU)
     assert first2["strict"]["num_seqs"] == 2 and first2["strict"]["tokens"] == 128
 

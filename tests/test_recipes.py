@@ -254,27 +254,51 @@ def test_ema_and_muon_resume_exactly(data_dir, shared_tokenizer_path, tmp_path, 
 # ---------------------------------------------------------------- the race
 
 @pytest.mark.slow
-def test_race_trains_each_recipe_and_tables_the_gap_to_ar(data_dir, tmp_path, capsys):
+def test_race_trains_each_recipe_and_tables_the_gap_to_the_yardstick(data_dir, tmp_path, capsys):
     out = tmp_path / "RACE"
-    args = ["race", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--steps", "6",
-            "--val-every", "3", "--elbo-steps", "2", "--eval-num-seqs", "2", "--seeds", "1,2",
-            "--recipes", "today,ar", "--recipe", "wide:model_dim=96,num_heads=2"]
+    common = ["race", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--steps", "6",
+              "--val-every", "3", "--elbo-steps", "2", "--eval-num-seqs", "2", "--seeds", "1,2"]
+    args = [*common, "--recipes", "today,ar-best", "--recipe", "wide:model_dim=96,num_heads=2"]
     assert main(args) == 0
     result = json.loads((out / "race.json").read_text())
     rows = {r["recipe"]: r for r in result["summary"]}
-    assert set(rows) == {"today", "ar", "wide"} and len(result["runs"]) == 6
-    assert rows["ar"]["gap_to_ar"] == 0.0 and rows["ar"]["kind"].startswith("exact")
-    assert rows["today"]["gap_to_ar"] == pytest.approx(rows["today"]["bpb_mean"] - rows["ar"]["bpb_mean"])
-    assert rows["today"]["tokens"] == rows["ar"]["tokens"] == 6 * 8 * 64  # equal tokens
-    assert rows["wide"]["num_params"] > rows["today"]["num_params"]
+    assert set(rows) == {"today", "ar-best", "wide"} and len(result["runs"]) == 6
+    assert result["yardstick"] == "ar-best" and result["equal"] == "tokens"
+    assert rows["ar-best"]["gap"] == 0.0 and rows["ar-best"]["kind"].startswith("exact")
+    assert rows["today"]["gap"] == pytest.approx(rows["today"]["bpb_mean"] - rows["ar-best"]["bpb_mean"])
+    assert rows["today"]["tokens"] == rows["ar-best"]["tokens"] == 6 * 8 * 64  # equal tokens
+    assert rows["wide"]["num_params"] > rows["today"]["num_params"] and rows["wide"]["flops"] > rows["today"]["flops"]
     for run in result["runs"]:
         assert [c["step"] for c in run["curve"]] == [3, 6] and [c["tokens"] for c in run["curve"]] == [1536, 3072]
-        if run["value"] == "ar":  # exact, so the curve's last point is the table's figure
+        assert run["curve"][-1]["flops"] == run["flops"]  # logged in metrics.jsonl, the same formula
+        if run["value"] == "ar-best":  # exact, so the curve's last point is the table's figure
             assert run["curve"][-1]["bpb"] == pytest.approx(run["strict_bpb"], rel=1e-9)
     assert (out / "race.png").stat().st_size > 10_000
-    assert "| today |" in (out / "race.md").read_text()
+    assert "| today |" in (out / "race.md").read_text() and "gap to ar-best" in (out / "race.md").read_text()
     assert main(args) == 0  # a rerun reuses every finished run
-    assert "6 already done" in capsys.readouterr().out
+    assert "(reused)" in capsys.readouterr().out
+
+    # equal FLOPs: the costlier model trains fewer steps, the same-cost ones reuse their equal-token runs
+    assert main([*common, "--recipes", "today,ar-best,block2", "--equal", "flops"]) == 0
+    result = json.loads((out / "race.json").read_text())
+    rows = {r["recipe"]: r for r in result["summary"]}
+    assert rows["block2"]["steps"] == 3 and rows["today"]["steps"] == 6  # [x_t ; x_0] costs 2x per token
+    assert rows["block2"]["flops"] == pytest.approx(rows["ar-best"]["flops"], rel=0.01)
+    assert "today_seed=1" in {Path(r["run_dir"]).name for r in result["runs"]}
+
+
+def test_equal_seconds_give_every_run_the_yardsticks_clock(data_dir, tmp_path):
+    out = tmp_path / "SECONDS"
+    assert main(["race", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--steps", "4",
+                 "--elbo-steps", "2", "--eval-num-seqs", "2", "--seeds", "1", "--recipes", "ar-best,today",
+                 "--equal", "seconds"]) == 0
+    result = json.loads((out / "race.json").read_text())
+    yardstick, other = (next(r for r in result["runs"] if r["value"] == name) for name in ("ar-best", "today"))
+    assert other["run_dir"].endswith(f"today_{yardstick['train_seconds']:.0f}s_seed=1")
+    config = json.loads((out / other["run_dir"] / "config.json").read_text())
+    assert config["max_wallclock"] == pytest.approx(yardstick["train_seconds"])
+    assert main(["race", "--data", str(data_dir), "--out", str(tmp_path / "X"), "--preset", "tiny",
+                 "--recipes", "today", "--equal", "seconds"]) == 2  # no yardstick: nothing to equal
 
 
 @pytest.mark.slow

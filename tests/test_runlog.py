@@ -127,8 +127,12 @@ def test_flops_per_token_and_peaks(monkeypatch):
     d, layers = cfg.model_dim, cfg.num_layers
     matmul = layers * (4 * d * d + 2 * cfg.mlp_mult * d * d) + d * cfg.embed_rows  # qkv, proj, MLP; head
     assert Transformer(cfg).flops_per_token() == 6 * matmul + 12 * layers * d * cfg.seq_len
-    block = dataclasses.replace(cfg, block_size=8)  # [x_t ; x_0]: twice the positions, attention over 2L
-    assert Transformer(block).flops_per_token() == 2 * (6 * matmul + 12 * layers * d * 2 * cfg.seq_len)
+    block = dataclasses.replace(cfg, block_size=8)  # [x_t ; x_0]: twice the positions, each seeing <= L keys
+    assert Transformer(block).flops_per_token() == 2 * (6 * matmul + 12 * layers * d * cfg.seq_len)
+    encdec = dataclasses.replace(block, decoder_layers=1)  # encoder over x_0, one decoder layer over x_t
+    layer = (matmul - d * cfg.embed_rows) // layers
+    assert Transformer(encdec).flops_per_token() == (6 * (matmul + layer + 2 * d * d)
+                                                     + 12 * (layers + 1) * d * cfg.seq_len)
     assert peak_flops(CPU) is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     assert peak_flops(torch.device("cuda", 0)) == 989e12

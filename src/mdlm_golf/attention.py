@@ -90,24 +90,46 @@ def block_document_ids(x_t: torch.Tensor, clean: torch.Tensor, layout: str, pad_
     return torch.where(torch.cat([x_t, clean], 1) == pad_id, -1, ids)
 
 
-def block_attention_mask(doc_ids: torch.Tensor | None, length: int, block: int, use_flex: bool) -> AttentionMask:
-    """block_rule, within documents; on CUDA with flex a BlockMask that skips the empty tiles. PAD
-    attends to PAD under SDPA (an all-masked row gives NaN; PAD outputs are never scored)."""
+def block_rule_mask(q_docs: torch.Tensor | None, kv_docs: torch.Tensor | None, queries: range, keys: range,
+                    length: int, block: int, use_flex: bool) -> AttentionMask:
+    """block_rule within documents, for the queries and keys at those positions of [x_t ; x_0], with
+    document numbers q_docs [B, Q] and kv_docs [B, K] (PAD -1; None: the stream layout). On CUDA with
+    flex a BlockMask that skips the empty tiles; else an SDPA bool mask [B, 1, Q, K] that lets PAD
+    attend to PAD (an all-masked row gives NaN; PAD outputs are never scored)."""
     if use_flex and BlockMask is not None:
         def allowed(b, h, q_idx, kv_idx):
-            keep = block_rule(q_idx, kv_idx, length, block)
-            if doc_ids is None:
+            keep = block_rule(q_idx + queries.start, kv_idx + keys.start, length, block)
+            if q_docs is None:
                 return keep
-            return keep & (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (doc_ids[b, kv_idx] >= 0)
+            return keep & (q_docs[b, q_idx] == kv_docs[b, kv_idx]) & (kv_docs[b, kv_idx] >= 0)
 
-        batch = doc_ids.size(0) if doc_ids is not None else None
-        device = doc_ids.device if doc_ids is not None else "cuda"
-        return create_block_mask(allowed, batch, None, 2 * length, 2 * length, device=device)
-    index = torch.arange(2 * length, device=doc_ids.device if doc_ids is not None else None)
-    mask = block_rule(index[:, None], index[None, :], length, block)[None, None]
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1)
+        batch = q_docs.size(0) if q_docs is not None else None
+        device = q_docs.device if q_docs is not None else "cuda"
+        return create_block_mask(allowed, batch, None, len(queries), len(keys), device=device)
+    device = q_docs.device if q_docs is not None else None
+    q_index = torch.arange(queries.start, queries.stop, device=device)
+    kv_index = torch.arange(keys.start, keys.stop, device=device)
+    mask = block_rule(q_index[:, None], kv_index[None, :], length, block)[None, None]
+    if q_docs is not None:
+        mask = mask & (q_docs[:, :, None] == kv_docs[:, None, :]).unsqueeze(1)
     return mask
+
+
+def block_attention_mask(doc_ids: torch.Tensor | None, length: int, block: int, use_flex: bool) -> AttentionMask:
+    """The [x_t ; x_0] forward's mask: block_rule over all 2L positions, within documents."""
+    both = range(2 * length)
+    return block_rule_mask(doc_ids, doc_ids, both, both, length, block, use_flex)
+
+
+def encoder_decoder_masks(doc_ids: torch.Tensor | None, length: int, block: int,
+                          use_flex: bool) -> tuple[AttentionMask, AttentionMask]:
+    """The encoder-decoder's two masks, the rows of block_attention_mask each of its forwards runs: the
+    encoder's (clean queries, clean keys: the clean blocks up to its own) and the decoder's (noisy
+    queries, keys [x_t ; x_0]: its own noisy block and the clean blocks before it), within documents."""
+    noisy, clean = (None, None) if doc_ids is None else (doc_ids[:, :length], doc_ids[:, length:])
+    clean_half = range(length, 2 * length)
+    return (block_rule_mask(clean, clean, clean_half, clean_half, length, block, use_flex),
+            block_rule_mask(noisy, doc_ids, range(length), range(2 * length), length, block, use_flex))
 
 
 def cached_attention_mask(cache: "KVCache", x_block: torch.Tensor, layout: str, pad_id: int,

@@ -24,7 +24,7 @@ from .data import ByteTable, DataError, load_split, load_tokenizer, prepare, rea
 from .data.download import download
 from .demo import run_demo
 from .dist import init_distributed, pick_device, shutdown
-from .eval import MODES, evaluate, format_planned_result, format_result, projected_seconds
+from .eval import MODES, evaluate, format_headline, format_result, projected_seconds
 from .experiments import RECIPES, ablate, parse_recipe, race
 from .files import write_bytes_atomic, write_text_atomic
 from .sampling import decode_rows, generate
@@ -118,12 +118,13 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def cmd_race(args: argparse.Namespace) -> None:
-    """mdlm-golf race: recipes against each other at equal tokens."""
+    """mdlm-golf race: recipes against each other at equal tokens, FLOPs or seconds."""
     base = build_config(args.preset, overrides=config_overrides(args))
     seeds = parse_seeds(args.seeds)
     names = args.recipes.split(",") if args.recipes else ([] if args.recipe else list(RECIPES))
     recipes = dict(parse_recipe(text) for text in [*names, *(args.recipe or [])])
-    race(base, recipes, seeds, Path(args.data), Path(args.out), tokenizer_path(args.tokenizer, data_dir=Path(args.data)))
+    race(base, recipes, seeds, Path(args.data), Path(args.out), tokenizer_path(args.tokenizer, data_dir=Path(args.data)),
+         equal=args.equal)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -146,9 +147,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not env.is_main:
         return
     for r in results.values():
-        print(format_planned_result(r) if r["method"] == "planned" else format_result(r))
+        print(format_result(r))
         print(f"         {r['eval_seconds']:.1f}s on {r['world_size']} process(es); the whole split "
               f"({val.size:,} tokens) would take ~{projected_seconds(r, val.size):.0f}s on 8 such devices")
+    if args.method == "elbo" and "strict" in results or "ar" in results:
+        print(format_headline(results))
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(results, indent=2) + "\n")
 

@@ -13,7 +13,7 @@ from .config import (MAX_SEED, MAX_VOCAB, PRESETS, check_field, describe_range, 
 from .data import MIN_VOCAB
 from .diffusion import GRIDS
 from .eval import ORDERS
-from .experiments import RECIPES
+from .experiments import EQUALS, RECIPES, YARDSTICK
 
 DEFAULT_EVAL_PASSES = 128
 DEFAULT_CODER_PASSES = 64
@@ -160,8 +160,13 @@ def add_ablate(sub: Subparsers) -> argparse.ArgumentParser:
 
 
 def add_race(sub: Subparsers) -> argparse.ArgumentParser:
-    """race: recipes against each other at equal tokens."""
-    p = sub.add_parser("race", help="several recipes, AR included, at equal tokens: table and bpb curves")
+    """race: recipes against each other at equal tokens, FLOPs or seconds."""
+    p = sub.add_parser("race", help="several recipes, AR included, at equal tokens, FLOPs or seconds: table and "
+                                    "bpb curves")
+    p.add_argument("--equal", choices=EQUALS, default="tokens",
+                   help=f"what every run gets as much of as the yardstick ({YARDSTICK}) in --steps steps: tokens "
+                        "(default: the same steps), training FLOPs (fewer steps for a costlier model) or "
+                        "training seconds (a quiet machine's; the yardstick trains first)")
     p.add_argument("--recipes", default=None,
                    help=f"comma-separated built-in recipes (default: all of them: {', '.join(RECIPES)})")
     p.add_argument("--recipe", action="append", metavar="NAME:FIELD=VALUE,...",

@@ -49,7 +49,7 @@ MAX_SEED = 2**32 - 1
 POSITIVE_INTS = ("num_layers", "model_dim", "num_heads", "mlp_mult", "cond_dim", "seq_len", "batch_rows",
                  "grad_accum", "steps", "shards_per_group", "elbo_steps", "eval_batch_rows", "log_every")
 COUNTS = ("global_batch_rows", "warmup_steps", "warmdown_steps", "batches_per_group", "eval_num_seqs",
-          "val_every", "checkpoint_every", "block_size")
+          "val_every", "checkpoint_every", "block_size", "decoder_layers")
 # (low, high, low included, high included) of every numeric field
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     **{name: (1, math.inf, True, False) for name in POSITIVE_INTS},
@@ -131,6 +131,11 @@ class Config:
     # clean blocks before it; 0 = one block per row (the plain MDLM; seq_len is read as 0), 1 =
     # autoregressive code lengths
     block_size: int = 0
+    # encoder-decoder block diffusion (E2D2): with block_size, the model's layers encode the clean tokens
+    # (block-causal) and a decoder of decoder_layers layers denoises each noisy block from its own tokens
+    # and the encoder's features of the clean blocks before it; 0 = the one [x_t ; x_0] forward
+    decoder_layers: int = 0
+    decoder_tied: bool = False  # the decoder reuses the top decoder_layers encoder layers (no new weights)
     # data loading
     shards_per_group: int = 2  # train shards held in memory at a time
     batches_per_group: int = 0  # batches served per group before rotating; 0 = cover its tokens once
@@ -166,11 +171,22 @@ class Config:
             raise ValueError(f"block_size {self.block_size} must divide seq_len {self.seq_len}")
         if self.block_size and self.autoregressive:
             raise ValueError("block_size is for objective mdlm (an ar model is causal already)")
+        if self.decoder_layers and not 0 < self.block_size < self.seq_len:
+            raise ValueError(f"decoder_layers {self.decoder_layers} needs block diffusion: a block_size "
+                             f"below seq_len {self.seq_len}")
+        if self.decoder_tied and self.decoder_layers > self.num_layers:
+            raise ValueError(f"decoder_tied reuses encoder layers: decoder_layers {self.decoder_layers} must be "
+                             f"at most num_layers {self.num_layers}")
 
     @property
     def autoregressive(self) -> bool:
         """Whether this is the AR yardstick (causal, next-token) rather than a masked-diffusion model."""
         return self.objective == "ar"
+
+    @property
+    def encoder_decoder(self) -> bool:
+        """Whether block diffusion runs as an encoder of the clean tokens and a decoder of the noisy ones."""
+        return self.decoder_layers > 0
 
     @property
     def noise_conditioned(self) -> bool:

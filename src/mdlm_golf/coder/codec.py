@@ -23,6 +23,7 @@ import torch
 from ..config import BOS_ID, Config, Tokens
 from ..diffusion import subs_logits
 from ..eval import Schedule, check_order, masked_start, run_planned
+from ..eval.planned import Reveal
 from ..files import write_bytes_atomic
 from .arithmetic import ArithmeticDecoder, ArithmeticEncoder, cumulative_frequencies
 from .container import CoderError, Header, ids_crc, model_fingerprint
@@ -31,8 +32,6 @@ from .escape import apply_edits, pack_edits, split_input, unpack_edits
 CODER_MODES = ("strict", "anchored")
 BATCH_ROWS = 16  # slices per forward (recorded in the header: the decoder must batch the same way)
 
-# run_planned's callback: reveal(rows, logits, chosen) -> ids, read at `chosen` only
-Reveal = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # the left-to-right loop's callback: reveal(position, logits [V]) -> the id at that stream position
 RevealOne = Callable[[int, torch.Tensor], int]
 
@@ -176,8 +175,8 @@ def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
             x0, _ = slice_rows(ids.size, cfg.seq_len, tokens, anchors, ids)
 
             def reveal_for(batch: slice) -> Reveal:
-                def encode(rows, logits, chosen):
-                    truth = x0[batch][rows]
+                def encode(rows, logits, chosen, cols):
+                    truth = x0[batch][rows][:, cols]
                     encode_chosen(encoder, truth, logits, chosen, cfg.vocab_size)
                     return truth
                 return encode
@@ -210,7 +209,7 @@ def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.
             ids = code_left_to_right(model, header, tokens, decode_one).numpy()
         else:
             def reveal_for(batch: slice) -> Reveal:
-                return lambda rows, logits, chosen: decode_chosen(decoder, logits, chosen, tokens)
+                return lambda rows, logits, chosen, cols: decode_chosen(decoder, logits, chosen, tokens)
 
             x = code_slices(model, header, cfg.noise_eps, tokens, reveal_for, cfg.block_size)
             ids = x.reshape(-1)[: header.num_tokens].numpy()

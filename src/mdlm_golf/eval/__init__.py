@@ -3,11 +3,11 @@ split and reduce, summaries) and three figures in bits per byte: the discrete EL
 code lengths (planned.py), the exact AR chain rule (ar.py); and the evaluation-time budget (budget.py)."""
 from .budget import EvalPlan, plan_elbo_steps
 from .entry import EVAL_METHODS, evaluate
-from .harness import HEADLINE_MODES, MODES, format_result, headline, projected_seconds
-from .planned import ORDERS, Schedule, check_order, format_planned_result, masked_start, run_planned
+from .harness import EXACT, HEADLINE_MODES, MODES, format_headline, format_result, headline, projected_seconds
+from .planned import ORDERS, Schedule, check_order, masked_start, run_planned
 
 __all__ = [
-    "EvalPlan", "plan_elbo_steps", "EVAL_METHODS", "evaluate", "HEADLINE_MODES", "MODES", "format_result",
-    "headline", "projected_seconds", "ORDERS", "Schedule", "check_order", "format_planned_result",
+    "EvalPlan", "plan_elbo_steps", "EVAL_METHODS", "evaluate", "EXACT", "HEADLINE_MODES", "MODES",
+    "format_headline", "format_result", "headline", "projected_seconds", "ORDERS", "Schedule", "check_order",
     "masked_start", "run_planned",
 ]

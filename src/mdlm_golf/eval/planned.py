@@ -110,9 +110,11 @@ def choose_positions(logits: torch.Tensor, masked: torch.Tensor, counts: torch.T
     return masked & (rank < counts.to(masked.device)[:, None])
 
 
-# reveal(rows, logits, chosen) -> ids [len(rows), L] (read at `chosen` only): charges or codes the
-# chosen tokens from their logits and says what they are
-Reveal = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# reveal(rows, logits, chosen, cols) -> ids [len(rows), W] (read at `chosen` only): charges or codes the
+# chosen tokens of the rows' columns `cols` (the region being decoded) from their logits, says what they are
+Reveal = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, slice], torch.Tensor]
+# network(x_region_rows [R, W], sigma [R], rows [R]) -> logits [R, W, vocab+2]
+Network = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def run_planned(model, x: torch.Tensor, scored: torch.Tensor, schedule: Schedule, order: str,
@@ -121,41 +123,50 @@ def run_planned(model, x: torch.Tensor, scored: torch.Tensor, schedule: Schedule
 
     Pass k runs the network on the rows whose schedule has a k-th pass, chooses their positions and
     asks `reveal` for the tokens there. Everything the choice depends on is in x before the reveal.
-    Blocks of `block` tokens (0: the whole row) are decoded left to right, each with the schedule; the
-    model reads x as both x_t and the clean tokens, so a block diffusion model sees the decoded
-    blocks before the current one (later blocks are out of its sight).
+    Blocks of `block` tokens (0: the whole row) are decoded left to right, each with the schedule: the
+    first reads only itself (model(x, sigma, x)); once it is decoded it goes into the model's KV
+    cache, and every later block is decoded against the cached clean past (model.forward_cached), so
+    a block costs its own passes, not the whole row's.
     """
     check_order(order)
     width = block or x.size(1)
-    forwards = [0] * x.size(0)
+    forwards, cache = [0] * x.size(0), None
     for lo in range(0, x.size(1), width):
-        in_block = torch.zeros_like(scored)
-        in_block[:, lo:lo + width] = True
-        counts = decode_passes(model, x, scored & in_block, schedule, order, eps, tokens, reveal)
+        cols = slice(lo, min(lo + width, x.size(1)))
+        if cache is None:
+            network = lambda region, s, rows: model(region, s, region)  # noqa: E731 - nothing cached yet
+        else:
+            network = lambda region, s, rows, past=cache: model.forward_cached(region, s, past.rows(rows))  # noqa: E731
+        counts = decode_passes(network, x, scored, cols, schedule, order, eps, tokens, reveal)
         forwards = [a + b for a, b in zip(forwards, counts)]
+        if cols.stop < x.size(1):
+            cache = cache or model.new_cache()
+            model.extend_cache(cache, x[:, cols])
     return forwards
 
 
-def decode_passes(model, x: torch.Tensor, scored: torch.Tensor, schedule: Schedule, order: str,
-                  eps: float, tokens: Tokens, reveal: Reveal) -> list[int]:
-    """run_planned's passes over the `scored` positions of x (all of a row, or one block)."""
-    counts = [schedule.counts(int(n)) for n in scored.sum(1).tolist()]
+def decode_passes(network: Network, x: torch.Tensor, scored: torch.Tensor, cols: slice, schedule: Schedule,
+                  order: str, eps: float, tokens: Tokens, reveal: Reveal) -> list[int]:
+    """run_planned's passes over the scored positions of x's columns `cols` (all of a row, or one block),
+    written into x in place."""
+    region, region_scored = x[:, cols], scored[:, cols]
+    counts = [schedule.counts(int(n)) for n in region_scored.sum(1).tolist()]
     num_passes = max((len(c) for c in counts), default=0)
     table = torch.zeros(x.size(0), num_passes, dtype=torch.long)
     for b, c in enumerate(counts):
         table[b, : len(c)] = torch.tensor(c, dtype=torch.long)
-    scored_count = scored.sum(1)
+    scored_count = region_scored.sum(1)
     for k in range(num_passes):
         rows = (table[:, k] > 0).nonzero().squeeze(1).to(x.device)
-        x_rows = x[rows]
-        masked = (x_rows == tokens.mask) & scored[rows]
+        x_rows = region[rows]
+        masked = (x_rows == tokens.mask) & region_scored[rows]
         with autocast(x.device):
-            logits = model(x_rows, pass_sigma(masked, scored_count[rows], eps), x_rows)
+            logits = network(x_rows, pass_sigma(masked, scored_count[rows], eps), rows)
         logits = subs_logits(logits, tokens)
         chosen = choose_positions(logits, masked, table[rows.cpu(), k], order)
-        values = reveal(rows, logits, chosen)
-        x[rows] = torch.where(chosen, values.to(x.device), x_rows)
-    if bool(((x == tokens.mask) & scored).any()):
+        values = reveal(rows, logits, chosen, cols)
+        region[rows] = torch.where(chosen, values.to(x.device), x_rows)
+    if bool(((region == tokens.mask) & region_scored).any()):
         raise AssertionError("a MASK survived the last pass")  # a schedule bug, never data
     return [len(c) for c in counts]
 
@@ -181,13 +192,13 @@ def planned_bits(model, slices: EvalSlices, mode: str, order: str, *, passes: in
         scored = scored_positions(x0, mode, tokens.pad)
         batch_bits = torch.zeros(x0.size(0), dtype=torch.float64, device=device)
 
-        def charge(rows, logits, chosen):
+        def charge(rows, logits, chosen, cols):
+            truth = x0[rows][:, cols]
             log_p = subs_log_probs(logits[chosen], tokens, torch.float64)
-            target = x0[rows][chosen]
-            nll = -log_p.gather(-1, target[:, None]).squeeze(1) / math.log(2)
+            nll = -log_p.gather(-1, truth[chosen][:, None]).squeeze(1) / math.log(2)
             row_of = rows[:, None].expand_as(chosen)[chosen]
             batch_bits.index_add_(0, row_of, nll)
-            return x0[rows]
+            return truth
 
         run_planned(model, masked_start(x0, scored, tokens), scored, schedule, order, eps, tokens, charge, block)
         bits[start:start + x0.size(0)] = batch_bits.cpu().numpy()
@@ -223,6 +234,8 @@ def evaluate_planned(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: 
         results[mode] = summarize(
             total_bits, int(num_tokens), int(num_bytes),
             method="planned", mode=mode, order=order,
+            kind=f"{mode} exact code length ({order}, {schedule.describe()}"
+                 f"{f', blocks of {block}' if cfg.block_size else ''})",
             bound=f"exact code length (planned-order decoding: {order}, {schedule.describe()}"
                   f"{f' per block of {block}' if cfg.block_size else ''}, "
                   f"each pass coded with the product of the model's marginals)", block_size=block,
@@ -233,11 +246,3 @@ def evaluate_planned(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: 
             seconds_per_slice_per_process=seconds * world / max(1, len(slices)),
         )
     return results
-
-
-def format_planned_result(r: dict) -> str:
-    """One line that says what the number is: exact code length, order, passes, tokens."""
-    return (f"{r['mode']:8s} bpb {r['bpb']:.4f} ({r['bits_per_token']:.4f} bits/token, exact planned-order "
-            f"code length, {r['order']}, {r['passes']:g} network evals/slice, {r['num_seqs']} slices x "
-            f"{r['seq_len']} = {r['tokens']:,} scored tokens, {r['bytes']:,} bytes, "
-            f"{r['bytes_per_token']:.3f} bytes/token; legacy /4.3 shortcut {r['bpb_legacy_4p3']:.4f})")

@@ -1,10 +1,20 @@
-"""The race: several recipes, AR included, trained on the same data at equal tokens, scored side by side.
+"""The race: several recipes, AR included, trained on the same data at equal tokens, FLOPs or seconds,
+scored side by side.
 
-Every recipe is a set of config overrides on one base config (same shape unless a recipe changes it,
-same steps x batch = same tokens, same data order for a seed). Runs are trained and scored with the
-ablate machinery (OUT/runs/{recipe}_seed={seed}, finished runs reused), with `val_every` figures in
-each run's metrics.jsonl. The report: a table (recipe, parameters, tokens, seconds, bpb with its kind,
-gap to AR) in OUT/race.{json,md}, and OUT/race.png with bpb against tokens and against seconds.
+Every recipe is a set of config overrides on one base config (same shape unless a recipe changes it, same
+data order for a seed). The budget every run gets (`equal`):
+  tokens   base.steps steps for every recipe (the same batch: the same tokens)
+  flops    the steps whose training FLOPs (the model's formula per token: block diffusion's 2L positions,
+           the decoder's layers) match what the yardstick (else the base config) spends in base.steps
+           steps; the warmdown
+           shrinks with the steps, so every schedule keeps its shape
+  seconds  the yardstick trains first; every other run gets its training seconds (per seed) as
+           max_wallclock, the schedule following the clock (meaningful on a quiet machine only)
+Runs are trained and scored with the ablate machinery (OUT/runs/NAME[_flops|_Ns]_seed=S, finished runs
+reused: a recipe whose FLOPs budget is base.steps shares its equal-tokens run), with `val_every`
+figures in each run's metrics.jsonl. The report: a table (recipe, parameters, steps, tokens, FLOPs,
+seconds, bpb with its kind, gap to the yardstick) in OUT/race.{json,md}, and OUT/race.png with bpb
+against tokens, FLOPs and seconds.
 """
 from __future__ import annotations
 
@@ -15,20 +25,24 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 from .ablation import EVAL_SEED, Run, check_reusable, run_record, train_and_score
 from ..config import BEST_RECIPE, Config, parse_value
 from ..data import ByteTable, load_split, load_tokenizer
 from ..files import atomic_path, write_text_atomic
+from ..model import Transformer
 
-# The standard field: today's recipe, the AR yardstick, each lever alone on top of today's recipe, and
+# The standard field: today's recipe, the AR yardsticks, each lever alone on top of today's recipe, and
 # the levers that helped combined. Each names every recipe field, so presets that carry a recipe (demo,
 # record) change only the shape, never what "today" or a lever means.
 TODAY = {"objective": "mdlm", "optimizer": "adamw", "time_cond": "true", "ema": "0.0", "anchor_mask_prob": "0.0",
-         "block_size": "0", "time_sampling": "antithetic"}
+         "block_size": "0", "time_sampling": "antithetic", "decoder_layers": "0", "decoder_tied": "false"}
 BEST = {k: str(v) for k, v in BEST_RECIPE.items()}
 LEVERS: dict[str, dict[str, str]] = {
     "ar": {"objective": "ar"},
+    # the strongest AR we train: every lever that helps AR (Muon; BENCHMARKS.md, the yardstick)
+    "ar-best": {"objective": "ar", "optimizer": "muon"},
     "muon": {"optimizer": "muon"},
     "no-time-cond": {"time_cond": "false"},
     "ema": {"ema": "0.99"},
@@ -38,9 +52,16 @@ LEVERS: dict[str, dict[str, str]] = {
     "best": BEST,
     # block diffusion on top of the best recipe (issue 14): blocks of 2, 4, 16, 64 tokens
     **{f"block{b}": {**BEST, "block_size": str(b)} for b in (2, 4, 16, 64)},
+    # ... as an encoder of the clean blocks and a K-layer decoder of the noisy ones (E2D2; issue 21)
+    **{f"block{b}-dec{k}": {**BEST, "block_size": str(b), "decoder_layers": str(k)} for b, k in
+       ((2, 1), (2, 2), (4, 1))},
+    **{f"block{b}-dec{k}-tied": {**BEST, "block_size": str(b), "decoder_layers": str(k), "decoder_tied": "true"}
+       for b, k in ((2, 1), (2, 2))},
 }
 RECIPES: dict[str, dict[str, str]] = {"today": TODAY, **{name: {**TODAY, **lever} for name, lever in LEVERS.items()}}
-YARDSTICK = "ar"
+YARDSTICK = "ar-best"  # the gap column's reference, and what equal FLOPs and seconds are measured by
+EQUALS = ("tokens", "flops", "seconds")
+SECONDS_STEPS_FACTOR = 8  # an equal-seconds run's step cap, x base.steps: the clock ends it first
 
 
 def parse_recipe(text: str) -> tuple[str, dict[str, str]]:
@@ -58,44 +79,77 @@ def parse_recipe(text: str) -> tuple[str, dict[str, str]]:
     return name, {k.strip().replace("-", "_"): v.strip() for k, v in pairs}
 
 
-def plan_race(base: Config, recipes: dict[str, dict[str, str]], seeds: list[int], out_dir: Path) -> list[Run]:
-    """One Run per (recipe, seed), configs built and validated before anything trains."""
-    if not recipes or not seeds:
-        raise ValueError("race needs at least one recipe and one seed")
-    runs = []
+def recipe_configs(base: Config, recipes: dict[str, dict[str, str]]) -> dict[str, Config]:
+    """Each recipe's config on the base (validated before anything trains)."""
+    configs = {}
     for name, overrides in recipes.items():
         try:
-            values = {k: parse_value(k, v) for k, v in overrides.items()}
-            for seed in seeds:
-                cfg = dataclasses.replace(base, **values, seed=int(seed))
-                runs.append(Run(name, int(seed), cfg, Path(out_dir) / "runs" / f"{name}_seed={seed}"))
+            configs[name] = dataclasses.replace(base, **{k: parse_value(k, v) for k, v in overrides.items()})
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"recipe {name!r}: {e}") from None
+    return configs
+
+
+def flops_per_token(cfg: Config) -> int:
+    """The training FLOPs per token of a config's model (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        return Transformer(cfg).flops_per_token()
+
+
+def budget(cfg: Config, base: Config, yardstick: Config, equal: str, seconds: float | None) -> tuple[Config, str]:
+    """The config of one run under the race's budget, and the suffix naming that budget in its folder."""
+    if equal == "flops":
+        steps = max(1, base.steps * flops_per_token(yardstick) // flops_per_token(cfg))
+        if steps == base.steps:
+            return cfg, ""  # the equal-tokens run itself
+        warmdown = round(cfg.warmdown_steps * steps / base.steps)
+        return dataclasses.replace(cfg, steps=steps, warmdown_steps=warmdown), "_flops"
+    if equal == "seconds" and seconds is not None:
+        return dataclasses.replace(cfg, steps=base.steps * SECONDS_STEPS_FACTOR, max_wallclock=seconds), \
+            f"_{seconds:.0f}s"
+    return cfg, ""
+
+
+def plan_race(base: Config, recipes: dict[str, dict[str, str]], seeds: list[int], out_dir: Path,
+              equal: str = "tokens", yardstick_seconds: dict[int, float] | None = None) -> list[Run]:
+    """One Run per (recipe, seed), configs built and validated before anything trains. Equal seconds
+    needs yardstick_seconds {seed: training seconds}; the yardstick's own runs come first."""
+    if not recipes or not seeds:
+        raise ValueError("race needs at least one recipe and one seed")
+    if equal not in EQUALS:
+        raise ValueError(f"equal must be one of {EQUALS}, got {equal!r}")
+    configs = recipe_configs(base, recipes)
+    yardstick = configs.get(YARDSTICK, base)
+    runs = []
+    for name in sorted(configs, key=lambda n: n != YARDSTICK):  # the yardstick first: seconds are its
+        for seed in seeds:
+            cfg = dataclasses.replace(configs[name], seed=int(seed))
+            seconds = None if name == YARDSTICK else (yardstick_seconds or {}).get(int(seed))
+            cfg, suffix = budget(cfg, base, yardstick, equal, seconds)
+            runs.append(Run(name, int(seed), cfg, Path(out_dir) / "runs" / f"{name}{suffix}_seed={seed}"))
     return runs
 
 
 def race(base: Config, recipes: dict[str, dict[str, str]], seeds: list[int], data_dir: Path, out_dir: Path,
-         tokenizer_path: Path, echo: Callable[[str], None] = print) -> dict:
-    """Train and score every (recipe, seed); writes OUT/race.json, race.md and race.png."""
+         tokenizer_path: Path, echo: Callable[[str], None] = print, equal: str = "tokens") -> dict:
+    """Train and score every (recipe, seed) at equal tokens, FLOPs or seconds; writes OUT/race.json,
+    race.md and race.png."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    runs = plan_race(base, recipes, seeds, out_dir)
+    if equal == "seconds" and YARDSTICK not in recipes:
+        raise ValueError(f"equal seconds are the yardstick's: add the recipe {YARDSTICK!r}")
+    runs = plan_race(base, recipes, seeds, out_dir, equal)
     val = load_split(data_dir, "val", base.vocab_size)
     table = ByteTable.from_tokenizer(load_tokenizer(tokenizer_path), base.vocab_size)
-    reused = [check_reusable(r) for r in runs]
-    echo(f"race: {len(recipes)} recipes x seeds {list(seeds)} = {len(runs)} runs ({sum(reused)} already done), "
-         f"{base.steps} steps x {base.tokens_per_step:,} tokens each, in {out_dir / 'runs'}")
+    echo(f"race at equal {equal}: {len(recipes)} recipes x seeds {list(seeds)} = {len(runs)} runs, "
+         f"{base.steps} steps x {base.tokens_per_step:,} tokens for the yardstick {YARDSTICK}, in {out_dir / 'runs'}")
     began, records = time.perf_counter(), []
-    for i, (run, done) in enumerate(zip(runs, reused), 1):
-        head = f"run {i}/{len(runs)}: {run.value} seed={run.seed}"
-        if not done:
-            echo(f"{head} ... training (log: {run.run_dir / 'train.log'})")
-            train_and_score(run, data_dir, tokenizer_path, val, table, EVAL_SEED)
-        r = run_record(run, out_dir)
-        r["curve"] = val_curve(run.run_dir / "metrics.jsonl")
-        records.append(r)
-        echo(f"{head}: bpb {r['strict_bpb']:.4f} ({r['kind']}) | {r['num_params']:,} params | "
-             f"{r['tokens']:,} tokens | train {r['train_seconds']:.0f}s" + (" (reused)" if done else ""))
-    result = {"recipes": recipes, "seeds": list(seeds), "base_config": base.to_dict(),
+    for i, run in enumerate(runs, 1):
+        if equal == "seconds" and run.value != YARDSTICK:  # its budget, the yardstick's seconds, is known now
+            seconds = {r["seed"]: r["train_seconds"] for r in records if r["value"] == YARDSTICK}
+            run = plan_race(base, {run.value: recipes[run.value]}, [run.seed], out_dir, equal, seconds)[0]
+        records.append(race_one(run, i, len(runs), data_dir, tokenizer_path, val, table, out_dir, echo))
+    result = {"recipes": recipes, "seeds": list(seeds), "base_config": base.to_dict(), "equal": equal,
+              "yardstick": YARDSTICK,
               "eval": {"elbo_steps": base.elbo_steps, "eval_num_seqs": base.eval_num_seqs, "seed": EVAL_SEED},
               "runs": records, "wall_seconds_this_call": time.perf_counter() - began}
     result["summary"] = summarize(result)
@@ -107,11 +161,32 @@ def race(base: Config, recipes: dict[str, dict[str, str]], seeds: list[int], dat
     return result
 
 
-def val_curve(metrics_path: Path) -> list[dict]:
-    """The run's periodic val figures: [{step, tokens, elapsed_s, bpb}]."""
+def race_one(run: Run, index: int, total: int, data_dir: Path, tokenizer_path: Path, val: np.ndarray,
+             table: ByteTable, out_dir: Path, echo: Callable[[str], None]) -> dict:
+    """Train and score one run (or reuse it, finished) and return its record with its budget and curve."""
+    done = check_reusable(run)
+    head = f"run {index}/{total}: {run.value} seed={run.seed}"
+    if not done:
+        echo(f"{head} ... training {run.cfg.steps} steps"
+             + (f" or {run.cfg.max_wallclock:.0f}s" if run.cfg.max_wallclock else "")
+             + f" (log: {run.run_dir / 'train.log'})")
+        train_and_score(run, data_dir, tokenizer_path, val, table, EVAL_SEED)
+    r = run_record(run, out_dir)
+    per_token = flops_per_token(run.cfg)
+    r["flops"] = r["tokens"] * per_token
+    r["curve"] = val_curve(run.run_dir / "metrics.jsonl", per_token)
+    echo(f"{head}: bpb {r['strict_bpb']:.4f} ({r['kind']}) | {r['num_params']:,} params | {r['steps']} steps | "
+         f"{r['tokens']:,} tokens | {r['flops']:.3g} FLOPs | train {r['train_seconds']:.0f}s"
+         + (" (reused)" if done else ""))
+    return r
+
+
+def val_curve(metrics_path: Path, flops_per_token: int) -> list[dict]:
+    """The run's periodic val figures: [{step, tokens, flops, elapsed_s, bpb}] (FLOPs from the tokens for
+    runs logged before metrics.jsonl carried them)."""
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return [{"step": r["step"], "tokens": r["tokens"], "elapsed_s": r["elapsed_s"], "bpb": r["val_bpb"]}
-            for r in records if "val_bpb" in r]
+    return [{"step": r["step"], "tokens": r["tokens"], "flops": r.get("flops", r["tokens"] * flops_per_token),
+             "elapsed_s": r["elapsed_s"], "bpb": r["val_bpb"]} for r in records if "val_bpb" in r]
 
 
 def mean_spread(values: list[float]) -> tuple[float, float | None]:
@@ -120,18 +195,19 @@ def mean_spread(values: list[float]) -> tuple[float, float | None]:
 
 
 def summarize(result: dict) -> list[dict]:
-    """Per recipe: mean/std of bpb over seeds, parameters, tokens, train seconds, and the gap to AR."""
+    """Per recipe: mean/std of bpb over seeds, parameters, steps, tokens, FLOPs, train seconds, and the gap
+    to the yardstick."""
     rows = []
     for name in result["recipes"]:
         runs = [r for r in result["runs"] if r["value"] == name]
         bpb, spread = mean_spread([r["strict_bpb"] for r in runs])
+        mean = {key: float(np.mean([r[key] for r in runs])) for key in ("steps", "tokens", "flops", "train_seconds")}
         rows.append({"recipe": name, "runs": len(runs), "bpb_mean": bpb, "bpb_std": spread,
-                     "kind": runs[0]["kind"], "num_params": runs[0]["num_params"], "tokens": runs[0]["tokens"],
-                     "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+                     "kind": runs[0]["kind"], "num_params": runs[0]["num_params"], **mean,
                      "overrides": result["recipes"][name]})
-    ar = next((r["bpb_mean"] for r in rows if r["recipe"] == YARDSTICK), None)
+    yardstick = next((r["bpb_mean"] for r in rows if r["recipe"] == result["yardstick"]), None)
     for row in rows:
-        row["gap_to_ar"] = None if ar is None else row["bpb_mean"] - ar
+        row["gap"] = None if yardstick is None else row["bpb_mean"] - yardstick
     return rows
 
 
@@ -139,45 +215,50 @@ def markdown_table(result: dict) -> str:
     cfg, ev = result["base_config"], result["eval"]
     lines = [f"Base: {cfg['num_layers']} layers x {cfg['model_dim']}, seq {cfg['seq_len']}, "
              f"{cfg['batch_rows'] * cfg['grad_accum']} rows x {cfg['steps']} steps, lr {cfg['lr']:g}, "
-             f"layout {cfg['layout']}; seeds {', '.join(map(str, result['seeds']))}. MDLM figures: "
-             f"{ev['elbo_steps']}-step ELBO on {ev['eval_num_seqs']} val slices (mask seed {ev['seed']}); "
-             f"AR: exact chain rule on {ev['eval_num_seqs']} windows.",
+             f"layout {cfg['layout']}; seeds {', '.join(map(str, result['seeds']))}; equal {result['equal']} "
+             f"(the yardstick {result['yardstick']}'s). MDLM figures: {ev['elbo_steps']}-step ELBO on "
+             f"{ev['eval_num_seqs']} val slices (mask seed {ev['seed']}), or the exact code length where "
+             f"smaller; AR: exact chain rule on {ev['eval_num_seqs']} windows. Steps, tokens, FLOPs and "
+             f"seconds: means over seeds.",
              "",
-             "| recipe | overrides | params | tokens | train s | bpb (mean ± std) | kind | gap to AR |",
-             "|---|---|---:|---:|---:|---:|---|---:|"]
+             f"| recipe | overrides | params | steps | tokens | train FLOPs | train s | bpb (mean ± std) | kind | "
+             f"gap to {result['yardstick']} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in result["summary"]:
         std = "" if r["bpb_std"] is None else f" ± {r['bpb_std']:.4f}"
-        gap = "-" if r["gap_to_ar"] is None else f"{r['gap_to_ar']:+.4f}"
+        gap = "-" if r["gap"] is None else f"{r['gap']:+.4f}"
         changed = {k: v for k, v in r["overrides"].items() if TODAY.get(k) != v}  # today's fields go unsaid
         overrides = ", ".join(f"{k}={v}" for k, v in changed.items()) or "-"
-        lines.append(f"| {r['recipe']} | {overrides} | {r['num_params']:,} | {r['tokens']:,} | "
-                     f"{r['train_seconds']:.0f} | {r['bpb_mean']:.4f}{std} | {r['kind']} | {gap} |")
+        lines.append(f"| {r['recipe']} | {overrides} | {r['num_params']:,} | {r['steps']:.0f} | {r['tokens']:,.0f} | "
+                     f"{r['flops']:.3g} | {r['train_seconds']:.0f} | {r['bpb_mean']:.4f}{std} | {r['kind']} | {gap} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
-    """bpb against training tokens and against training seconds: each seed a line, per recipe a colour."""
+    """bpb against training tokens, FLOPs and seconds: each seed a line, per recipe a colour."""
     import matplotlib  # imported here: a heavy import only the figure needs
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    axes_keys = (("tokens", "training tokens"), ("flops", "training FLOPs (the model's formula)"),
+                 ("elapsed_s", "training seconds (this machine)"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     try:
         for i, name in enumerate(result["recipes"]):
             colour = f"C{i % 10}"
             for j, run in enumerate(r for r in result["runs"] if r["value"] == name):
-                curve = run["curve"] or [{"tokens": run["tokens"], "elapsed_s": run["train_seconds"],
-                                          "bpb": run["strict_bpb"]}]
-                for ax, key in zip(axes, ("tokens", "elapsed_s")):
+                curve = run["curve"] or [{"tokens": run["tokens"], "flops": run["flops"],
+                                          "elapsed_s": run["train_seconds"], "bpb": run["strict_bpb"]}]
+                for ax, (key, _) in zip(axes, axes_keys):
                     ax.plot([c[key] for c in curve], [c["bpb"] for c in curve], color=colour, marker=".",
                             lw=1.2, label=name if j == 0 else None)
-        axes[0].set(xlabel="training tokens", ylabel="val bpb (MDLM: strict ELBO bound; AR: exact)")
-        axes[1].set(xlabel="training seconds (this machine)")
-        for ax in axes:
+        axes[0].set_ylabel("val bpb (MDLM: strict bound or exact; AR: exact)")
+        for ax, (_, label) in zip(axes, axes_keys):
+            ax.set_xlabel(label)
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.suptitle("race at equal tokens", fontsize=10)
+        fig.suptitle(f"race at equal {result['equal']}", fontsize=10)
         fig.tight_layout()
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110)

@@ -19,7 +19,7 @@ from ..data import (ByteTable, ShardedLoader, check_batch_fits, check_manifest_t
                     read_shard_set, shard_paths)
 from ..diffusion import Noise, draw_noise
 from ..dist import DistEnv, all_reduce_sum, autocast, barrier, init_distributed, process_group_active, shutdown, to_device
-from ..eval import HEADLINE_MODES, evaluate, format_result, headline
+from ..eval import HEADLINE_MODES, evaluate, format_headline, format_result, headline
 from ..files import write_text_atomic
 from ..model import Transformer
 from ..objective import LossModule, Prepare, objective_for
@@ -187,6 +187,10 @@ class Run:
         """Training tokens of `done` steps, over every rank."""
         return done * self.cfg.tokens_per_step * self.env.world_size
 
+    def flops(self, done: int) -> int:
+        """Training FLOPs of `done` steps, over every rank (the model's formula, per token)."""
+        return self.tokens(done) * self.model.flops_per_token()
+
     def shipped_model(self) -> Transformer:
         """The weights eval, export and sampling use: the EMA's when there is one (a copy), else the model."""
         if self.ema is None:
@@ -211,7 +215,7 @@ class Run:
         r = headline(results)
         self.log.line(f"val step {done}: {format_result(r)}")
         self.log.record(step=done, val_bpb=r["bpb"], val_kind=r["kind"], tokens=self.tokens(done),
-                        elapsed_s=elapsed)
+                        flops=self.flops(done), elapsed_s=elapsed)
 
     def close(self) -> None:
         """Close the log and stop the loader's prefetch (again after finish() is harmless)."""
@@ -279,7 +283,8 @@ def finish(run: Run, stop: Stop, done: int, seconds: float, train_seconds: float
     stop_reason = stop.describe(cfg, seconds)
     log.line(f"stopped at step {done}: {stop_reason}; training time {train_seconds:.1f}s")
     summary = {"steps": done, "train_seconds": train_seconds, "stop_reason": stop_reason,
-               "num_params": run.model.num_params(), "losses": losses, "tokens": run.tokens(done)}
+               "num_params": run.model.num_params(), "losses": losses, "tokens": run.tokens(done),
+               "flops": run.flops(done)}
     if stop.resumable:
         run.save_checkpoint(done, train_seconds)
         log.line(f"checkpoint written; continue with: mdlm-golf train --resume {run.out_dir} "
@@ -301,6 +306,7 @@ def final_eval(run: Run, final: Transformer) -> dict:
                        num_seqs=cfg.eval_num_seqs, seed=cfg.seed)
     for r in results.values():
         run.log.line("eval " + format_result(r))
+    run.log.line("eval " + format_headline(results))
     if run.env.is_main:
         write_text_atomic(run.out_dir / "eval.json", json.dumps(results, indent=2) + "\n")
     return results

@@ -158,7 +158,8 @@ class StepMeter:
         self.last_step, self.last_seconds = done, seconds
         self.losses.append(loss)
         self.loss_sum.zero_()
-        return loss, {"dt_ms": 1e3 * step_seconds, "tokens_per_s": tokens_per_s,
+        return loss, {"flops": self.flops_per_token * self.tokens_per_step * done,  # cumulative, training
+                      "dt_ms": 1e3 * step_seconds, "tokens_per_s": tokens_per_s,
                       "mfu": self.flops_per_token * tokens_per_s / self.peak if self.peak else None,
                       "peak_mem_bytes": peak_memory_bytes(self.device)}
 
