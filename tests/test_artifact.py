@@ -185,6 +185,11 @@ def test_param_groups_cover_the_model():
     assert groups["blocks.0.adaln.bias"] == groups["final_adaln.weight"] == groups["noise.mlp.0.bias"] == "adaln"
     with pytest.raises(ValueError, match="lm_bias"):
         param_group("lm_bias")
+    for overrides, name, group in [(dict(block_size=16, decoder_layers=1), "decoder.0.mlp.up.weight", "mlp"),
+                                   (dict(subtokens=2, subtoken_merge="concat"), "digits.mix.weight", "embed")]:
+        kinds = build_config("tiny", environ={}, overrides=overrides)  # every kind's weights have a group
+        groups = {name: param_group(name) for name in Transformer(kinds).state_dict()}
+        assert groups[name] == group
 
 
 def test_parse_spec():

@@ -42,6 +42,11 @@ OBJECTIVES = ("mdlm", "ar")
 OPTIMIZERS = ("adamw", "muon")
 # antithetic: pairs (u, 1 - u); stratified: one time in each of the batch's n strata of [0, 1)
 TIME_SAMPLINGS = ("antithetic", "stratified")
+# how a sub-token model reads a partly masked token: the sum of its digit slots' embeddings; the same but
+# a fully visible token's own row; or the slots' narrower embeddings concatenated and merged by a Linear
+SUBTOKEN_MERGES = ("sum", "token", "concat")
+# elbo: w(t) = 1/t, the continuous-time ELBO; flat: w = 1 (the same optimum, a different emphasis over t)
+LOSS_WEIGHTS = ("elbo", "flat")
 
 
 MAX_VOCAB = 65535 - 2  # shards hold uint16 ids, and MASK and PAD take the two ids after the vocabulary
@@ -49,7 +54,8 @@ MAX_SEED = 2**32 - 1
 POSITIVE_INTS = ("num_layers", "model_dim", "num_heads", "mlp_mult", "cond_dim", "seq_len", "batch_rows",
                  "grad_accum", "steps", "shards_per_group", "elbo_steps", "eval_batch_rows", "log_every")
 COUNTS = ("global_batch_rows", "warmup_steps", "warmdown_steps", "batches_per_group", "eval_num_seqs",
-          "val_every", "checkpoint_every", "block_size", "decoder_layers")
+          "val_every", "checkpoint_every", "block_size", "decoder_layers", "time_warmup_steps",
+          "loss_warmup_steps")
 # (low, high, low included, high included) of every numeric field
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     **{name: (1, math.inf, True, False) for name in POSITIVE_INTS},
@@ -64,6 +70,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "ema": (0, 1, True, False),
     "noise_eps": (0, 1, False, False),
     "anchor_mask_prob": (0, 1, True, True),
+    "subtokens": (1, math.inf, True, False),
+    "init_std": (0, 1, False, True),
+    "time_warmup_start": (0, 1, False, True),
 }
 
 
@@ -127,6 +136,18 @@ class Config:
     layout: str = "packed"  # one of LAYOUTS
     anchor_mask_prob: float = 0.0
     time_sampling: str = "antithetic"  # one of TIME_SAMPLINGS: how a batch's diffusion times are drawn
+    # early training (the plateau levers, BENCHMARKS.md): for the first time_warmup_steps steps the diffusion
+    # times are scaled into [0, m], m rising linearly from time_warmup_start to 1 (fewer near-fully-masked
+    # rows while nothing is learned yet); loss_weight for the first loss_warmup_steps steps (0 = always)
+    time_warmup_steps: int = 0
+    time_warmup_start: float = 1.0
+    loss_weight: str = "elbo"  # one of LOSS_WEIGHTS
+    loss_warmup_steps: int = 0
+    init_std: float = 0.02  # std of the weights' normal init (embeddings and Linears; adaLN and head start at 0)
+    # partial masking (MDM-Prime): a token is `subtokens` digits in base ceil(V^(1/subtokens)), masked
+    # digit by digit; 1 = the token-level MDLM
+    subtokens: int = 1
+    subtoken_merge: str = "sum"  # one of SUBTOKEN_MERGES
     # block diffusion (BD3-LM): rows are cut into blocks of block_size tokens, each denoised given the
     # clean blocks before it; 0 = one block per row (the plain MDLM; seq_len is read as 0), 1 =
     # autoregressive code lengths
@@ -160,7 +181,8 @@ class Config:
         for f in fields(self):
             check_field(f.name, getattr(self, f.name), type(f.default))
         for name, choices in (("layout", LAYOUTS), ("objective", OBJECTIVES), ("optimizer", OPTIMIZERS),
-                              ("time_sampling", TIME_SAMPLINGS)):
+                              ("time_sampling", TIME_SAMPLINGS), ("subtoken_merge", SUBTOKEN_MERGES),
+                              ("loss_weight", LOSS_WEIGHTS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
@@ -171,6 +193,11 @@ class Config:
             raise ValueError(f"block_size {self.block_size} must divide seq_len {self.seq_len}")
         if self.block_size and self.autoregressive:
             raise ValueError("block_size is for objective mdlm (an ar model is causal already)")
+        if self.subtokens > math.log2(self.vocab_size):
+            raise ValueError(f"subtokens must be at most log2(vocab_size) = {math.log2(self.vocab_size):g} "
+                             f"(binary digits), got {self.subtokens}")
+        if self.subtokens > 1 and (self.autoregressive or self.block_size):
+            raise ValueError("subtokens is for the plain MDLM (objective mdlm, no block_size)")
         if self.decoder_layers and not 0 < self.block_size < self.seq_len:
             raise ValueError(f"decoder_layers {self.decoder_layers} needs block diffusion: a block_size "
                              f"below seq_len {self.seq_len}")
@@ -192,6 +219,13 @@ class Config:
     def noise_conditioned(self) -> bool:
         """Whether the model sees the noise level: an MDLM with time_cond; never an AR model."""
         return self.time_cond and not self.autoregressive
+
+    def require_token_level(self, what: str) -> None:
+        """ValueError unless the model is token-level: `what` (planned decoding, the coder, sampling) does
+        not handle sub-token models yet (they are an experiment until one wins: BENCHMARKS.md)."""
+        if self.subtokens > 1:
+            raise ValueError(f"{what} does not take a sub-token model (subtokens {self.subtokens}) yet; "
+                             f"its `eval` (the ELBO) does")
 
     @property
     def tokens(self) -> Tokens:

@@ -69,19 +69,26 @@ class Noise:
     """Every random draw of one training batch, so a row's noise never depends on how rows are split."""
 
     t: torch.Tensor  # [B] diffusion times (antithetic pairs or strata)
-    mask_u: torch.Tensor  # [B, L] position is masked iff mask_u < 1 - alpha(t)
+    mask_u: torch.Tensor  # [B, L] (or [B, L, digits]) position (digit) masked iff mask_u < 1 - alpha(t)
     anchor_u: torch.Tensor  # [B, L] a BOS anchor is maskable iff anchor_u < anchor_mask_prob
 
     def rows(self, index: torch.Tensor | slice) -> "Noise":
         return Noise(self.t[index], self.mask_u[index], self.anchor_u[index])
 
 
-def draw_noise(rows: int, seq_len: int, generator: torch.Generator, time_sampling: str = "antithetic") -> Noise:
+def draw_noise(rows: int, seq_len: int, generator: torch.Generator, time_sampling: str = "antithetic",
+               digits: int = 1) -> Noise:
     """All draws of a batch, on the generator's device (a CUDA generator keeps the GPU from waiting);
-    time_sampling names one of TIME_SAMPLERS."""
+    time_sampling names one of TIME_SAMPLERS; digits > 1 draws a mask uniform per sub-token digit."""
     device = generator.device
-    return Noise(TIME_SAMPLERS[time_sampling](rows, generator), torch.rand(rows, seq_len, generator=generator, device=device),
+    return Noise(TIME_SAMPLERS[time_sampling](rows, generator),
+                 torch.rand(mask_shape(rows, seq_len, digits), generator=generator, device=device),
                  torch.rand(rows, seq_len, generator=generator, device=device))
+
+
+def mask_shape(rows: int, seq_len: int, digits: int = 1) -> tuple[int, ...]:
+    """The shape of a batch's mask uniforms: one per position, or per sub-token digit."""
+    return (rows, seq_len) if digits == 1 else (rows, seq_len, digits)
 
 
 def maskable_positions(x0: torch.Tensor, layout: str, pad_id: int, anchor_mask_prob: float = 0.0,
@@ -161,6 +168,7 @@ def reveal_weights(steps: int, eps: float, grid: str = "linear") -> torch.Tensor
     return (a[:-1] - a[1:]) / (1.0 - a[1:])
 
 
-def terminal_bits(steps: int, eps: float, vocab_size: int, grid: str = "linear") -> float:
-    """Bits per scored token for what is still visible at t = 1, coded uniformly: alpha_T log2 V."""
-    return float(elbo_grid(steps, eps, grid)[-1]) * math.log2(vocab_size)
+def terminal_bits(steps: int, eps: float, bits_per_token: float, grid: str = "linear") -> float:
+    """Bits per scored token for what is still visible at t = 1, coded uniformly: alpha_T bits_per_token
+    (log2 V for a token, l log2 b for l digits of base b)."""
+    return float(elbo_grid(steps, eps, grid)[-1]) * bits_per_token

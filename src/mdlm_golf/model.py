@@ -16,6 +16,7 @@ from torch import nn
 from .attention import (AttentionMask, KVCache, LayerCache, attend, block_attention_mask, block_document_ids,
                         cached_attention_mask, document_ids, document_mask, encoder_decoder_masks)
 from .config import Config
+from .subtokens import digit_code
 
 
 def sinusoidal_embedding(sigma: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -131,6 +132,34 @@ class Block(nn.Module):
         return x + per_position(gate2) * self.mlp(h)
 
 
+class DigitEmbedding(nn.Module):
+    """A sub-token model's input embedding of every input id: a token, MASK, PAD or a partly masked token.
+
+    merge "sum": the sum of each digit slot's embedding of its value (or of its being masked); "token": the
+    same, but a fully visible token reads its own row of the token embedding; "concat": narrower slot
+    embeddings, concatenated and merged by a Linear (learned, as MDM-Prime's). PAD reads its token row.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        code = digit_code(cfg.vocab_size, cfg.subtokens)
+        self.merge, self.slots, self.pad = cfg.subtoken_merge, code.digits * (code.base + 1), cfg.tokens.pad
+        self.vocab = cfg.vocab_size
+        width = cfg.model_dim // code.digits if self.merge == "concat" else cfg.model_dim
+        self.table = nn.Embedding(self.slots, width)
+        self.mix = nn.Linear(code.digits * width, cfg.model_dim, bias=False) if self.merge == "concat" else None
+        offsets = torch.arange(code.digits) * (code.base + 1)
+        self.register_buffer("rows", code.state_digits + offsets, persistent=False)  # [num ids, l]
+
+    def forward(self, ids: torch.Tensor, token_embed: nn.Embedding) -> torch.Tensor:
+        slots = self.table(self.rows[ids])  # [B, T, l, width]
+        x = self.mix(slots.flatten(-2)) if self.mix is not None else slots.sum(-2)
+        own = ids == self.pad
+        if self.merge == "token":
+            own |= ids < self.vocab
+        return torch.where(own[..., None], token_embed(ids.clamp(max=self.pad)), x)
+
+
 class Transformer(nn.Module):
     """The network of every model kind: x_t [B, L] ids (with MASK/PAD), sigma [B], clean x_0 [B, L] ->
     logits [B, L, vocab+2] at x_t's positions.
@@ -156,6 +185,7 @@ class Transformer(nn.Module):
         self.final_adaln = nn.Linear(cfg.cond_dim, 2 * cfg.model_dim) if conditioned else None
         self.final_modulation = None if conditioned else nn.Parameter(torch.zeros(2 * cfg.model_dim))
         self.head = nn.Linear(cfg.model_dim, cfg.embed_rows, bias=False)
+        self.digits = DigitEmbedding(cfg) if cfg.subtokens > 1 else None
         self.reset_parameters()
 
     @property
@@ -166,12 +196,15 @@ class Transformer(nn.Module):
         return list(self.blocks[len(self.blocks) - self.cfg.decoder_layers:]) if self.cfg.decoder_layers else []
 
     def reset_parameters(self) -> None:
+        std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=0.02)
+                nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.digits is not None:
+            nn.init.normal_(self.digits.table.weight, std=std)
         blocks = [*self.blocks, *(self.decoder or [])]
         for module in [*(b.adaln for b in blocks), self.final_adaln]:
             if module is not None:  # adaLN-zero: every block starts as the identity
@@ -340,7 +373,7 @@ class Transformer(nn.Module):
               attn_mask: AttentionMask, caches: list[LayerCache] | None = None,
               store: bool = False) -> torch.Tensor:
         """Embedding, the blocks and the head: logits [B, T, vocab+2]."""
-        x = self.embed(tokens)
+        x = self.embed(tokens) if self.digits is None else self.digits(tokens, self.embed)
         rotary = self.rotary(positions)
         for i, block in enumerate(self.blocks):
             x = block(x, cond, rotary, attn_mask, caches[i] if caches is not None else None, store)

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from .config import Config, Tokens
-from .diffusion import Noise, alpha, draw_noise, elbo_weight, mask_tokens, maskable_positions, masked_nll, sigma
+from .diffusion import Noise, alpha, draw_noise, elbo_weight, maskable_positions, sigma
+from .subtokens import DigitCode, digit_code
 
 
 @dataclass
@@ -35,22 +36,26 @@ class LossBatch:
         return self.inputs, self.sigma, self.clean, self.targets, self.in_loss, self.row_weight
 
 
-# prepare(x0 [B, L], noise) -> LossBatch
-Prepare = Callable[[torch.Tensor, Noise], LossBatch]
+# prepare(x0 [B, L], noise, step) -> LossBatch
+Prepare = Callable[..., LossBatch]
 
 
-def diffusion_batch(x0: torch.Tensor, noise: Noise, *, tokens: Tokens, eps: float, layout: str,
-                    anchor_mask_prob: float = 0.0) -> LossBatch:
-    """The continuous-time MDLM ELBO's batch: each maskable position masked with probability 1 - alpha(t),
-    masked positions weighted by w(t) = 1/t, normalized by the maskable positions. Block diffusion uses
+def diffusion_batch(x0: torch.Tensor, noise: Noise, step: int | None = None, *, code: DigitCode, eps: float,
+                    layout: str, anchor_mask_prob: float = 0.0, flat_until: int = 0) -> LossBatch:
+    """The continuous-time MDLM ELBO's batch: each maskable position (each digit of it, for sub-tokens)
+    masked with probability 1 - alpha(t), masked positions weighted by w(t) = 1/t (1 while step <
+    flat_until, -1 = always: the flat weight), normalized by the maskable positions. Block diffusion uses
     it unchanged: a row's blocks share its time t (an unbiased estimate of the sum of per-block ELBOs)."""
     t = noise.t.to(x0.device)
-    maskable = maskable_positions(x0, layout, tokens.pad, anchor_mask_prob, noise.anchor_u)
-    x_t, masked = mask_tokens(x0, 1.0 - alpha(t, eps), maskable, tokens.mask, noise.mask_u)
-    return LossBatch(x_t, sigma(t, eps), x0, x0, masked, elbo_weight(t, eps), maskable.sum())
+    maskable = maskable_positions(x0, layout, code.tokens.pad, anchor_mask_prob, noise.anchor_u)
+    x_t, masked = code.mask(x0, 1.0 - alpha(t, eps), maskable, noise.mask_u)
+    flat = flat_until < 0 or (step is not None and step < flat_until)
+    weight = torch.ones_like(t) if flat else elbo_weight(t, eps)
+    return LossBatch(x_t, sigma(t, eps), x0, x0, masked, weight, maskable.sum())
 
 
-def next_token_batch(x0: torch.Tensor, noise: Noise | None = None, *, tokens: Tokens) -> LossBatch:
+def next_token_batch(x0: torch.Tensor, noise: Noise | None = None, step: int | None = None, *,
+                     tokens: Tokens) -> LossBatch:
     """Next-token cross-entropy's batch: each row predicts its own next ids; PAD targets (after a
     document in the docs layout) are not scored. The noise draws are not used."""
     inputs, targets = x0[:, :-1], x0[:, 1:]
@@ -62,14 +67,16 @@ def objective_for(cfg: Config) -> Prepare:
     """The config's training objective, chosen here once: a micro-batch and its noise -> LossBatch."""
     if cfg.autoregressive:
         return partial(next_token_batch, tokens=cfg.tokens)
-    return partial(diffusion_batch, tokens=cfg.tokens, eps=cfg.noise_eps, layout=cfg.layout,
-                   anchor_mask_prob=cfg.anchor_mask_prob)
+    flat_until = 0 if cfg.loss_weight == "elbo" else cfg.loss_warmup_steps or -1
+    return partial(diffusion_batch, code=digit_code(cfg.vocab_size, cfg.subtokens), eps=cfg.noise_eps,
+                   layout=cfg.layout, anchor_mask_prob=cfg.anchor_mask_prob, flat_until=flat_until)
 
 
-def weighted_nll_sum(logits: torch.Tensor, targets: torch.Tensor, in_loss: torch.Tensor, row_weight: torch.Tensor,
-                     tokens: Tokens) -> torch.Tensor:
-    """sum over the counted positions of row_weight * -log p(target) in nats (SUBS: real tokens only)."""
-    weighted = masked_nll(logits, targets, tokens) * row_weight[:, None]
+def weighted_nll_sum(logits: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, in_loss: torch.Tensor,
+                     row_weight: torch.Tensor, code: DigitCode) -> torch.Tensor:
+    """sum over the counted positions of row_weight * -log p(target's masked part | inputs) in nats (SUBS:
+    real tokens only; sub-tokens: the masked digits' marginals)."""
+    weighted = code.nll(logits, inputs, targets) * row_weight[:, None]
     return torch.where(in_loss, weighted, 0.0).sum()  # 0 * inf would be NaN at positions not counted
 
 
@@ -81,12 +88,13 @@ class LossModule(torch.nn.Module):
         """flex: build document masks for FlexAttention (worth it only when compiled on CUDA)."""
         super().__init__()
         self.model, self.flex = model, flex
+        self.code = digit_code(model.cfg.vocab_size, model.cfg.subtokens)
 
     def forward(self, inputs: torch.Tensor, noise_level: torch.Tensor | None, clean: torch.Tensor | None,
                 targets: torch.Tensor, in_loss: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
         """The micro-batch's weighted sum of loss terms (LossBatch.loss_args())."""
         logits = self.model(inputs, noise_level, clean, flex=self.flex)
-        return weighted_nll_sum(logits, targets, in_loss, row_weight, self.model.cfg.tokens)
+        return weighted_nll_sum(logits, inputs, targets, in_loss, row_weight, self.code)
 
 
 @dataclass
@@ -103,7 +111,8 @@ def diffusion_loss(model, x0: torch.Tensor, tokens: Tokens, eps: float, layout: 
     -log p(x0 | x_t)] / scored tokens, w = 1/t. `noise` is the batch's pre-drawn Noise or a generator."""
     if isinstance(noise, torch.Generator):
         noise = draw_noise(x0.size(0), x0.size(1), noise)
-    batch = diffusion_batch(x0, noise, tokens=tokens, eps=eps, layout=layout, anchor_mask_prob=anchor_mask_prob)
+    code = digit_code(tokens.vocab_size, 1)
+    batch = diffusion_batch(x0, noise, code=code, eps=eps, layout=layout, anchor_mask_prob=anchor_mask_prob)
     logits = model(batch.inputs, batch.sigma, batch.clean)
-    weighted_sum = weighted_nll_sum(logits, batch.targets, batch.in_loss, batch.row_weight, tokens)
+    weighted_sum = weighted_nll_sum(logits, batch.inputs, batch.targets, batch.in_loss, batch.row_weight, code)
     return LossOutput(weighted_sum / batch.scored.clamp(min=1), weighted_sum, batch.scored, batch.in_loss.sum())

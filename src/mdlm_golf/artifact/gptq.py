@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..diffusion import Noise
+from ..diffusion import Noise, mask_shape
 from ..objective import LossBatch, objective_for
 from .rounding import qmax
 
@@ -90,6 +90,6 @@ def calibration_batches(cfg: Config, tokens: np.ndarray, num_batches: int, rows:
         starts = torch.randint(windows, (rows,), generator=generator) * cfg.seq_len
         x0 = torch.from_numpy(np.stack([tokens[s:s + cfg.seq_len] for s in starts.tolist()]).astype(np.int64))
         t = torch.rand(rows, generator=generator)
-        mask_u = torch.rand(x0.shape, generator=generator)
+        mask_u = torch.rand(mask_shape(rows, cfg.seq_len, cfg.subtokens), generator=generator)
         batches.append(prepare(x0, Noise(t, mask_u, torch.zeros(x0.shape))))
     return batches

@@ -22,7 +22,7 @@ SMALL_NUMEL = 65_536
 
 def param_group(name: str) -> str:
     """The quantization group of an MDLM state-dict entry."""
-    if name == "embed.weight":
+    if name == "embed.weight" or name.startswith("digits."):  # a sub-token model's digit embeddings too
         return "embed"
     if name == "head.weight":
         return "head"
@@ -30,7 +30,7 @@ def param_group(name: str) -> str:
     if name.startswith(("final_adaln.", "noise.", "final_modulation")):
         return "adaln"
     parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "blocks" and parts[2] in ("attn", "mlp", "adaln", "modulation"):
+    if len(parts) > 2 and parts[0] in ("blocks", "decoder") and parts[2] in ("attn", "mlp", "adaln", "modulation"):
         return "adaln" if parts[2] == "modulation" else parts[2]
     # an unmapped parameter would silently get some format; make whoever adds one choose
     raise ValueError(f"parameter {name!r} belongs to no quantization group; add it to artifact.param_group")

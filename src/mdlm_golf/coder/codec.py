@@ -131,6 +131,7 @@ def checked_ids(cfg: Config, token_ids, order: str, schedule: Schedule, mode: st
     if escape and data_crc is None:
         raise ValueError("an escape section needs data_crc (it belongs to a file)")
     check_order(order)
+    cfg.require_token_level("compress")
     if cfg.autoregressive and (order != "left-to-right" or schedule.tokens_per_pass != 1):
         raise ValueError("an autoregressive model codes left to right, one token per pass "
                          f"(got order {order!r}, {schedule.describe()})")
@@ -188,6 +189,7 @@ def compress_tokens(model, cfg: Config, token_ids, *, order: str = "confidence",
 def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.ndarray, bytes]:
     """The header, the decoded token ids (checked against the model fingerprint and the ids CRC) and
     the escape section (empty for a bare token stream)."""
+    cfg.require_token_level("decompress")
     header, body = Header.decode(data)
     if len(body) < header.escape_len:
         raise CoderError("truncated escape section")

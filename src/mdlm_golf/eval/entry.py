@@ -46,6 +46,7 @@ def evaluate(model, val_tokens: np.ndarray, byte_table: ByteTable, cfg: Config, 
                 raise ValueError(f"an autoregressive model decodes left to right only, not in order {order!r}")
             return {"ar": evaluate_ar(network, val_tokens, byte_table, cfg, num_seqs=num_seqs, device=device)}
         if method == "planned":
+            cfg.require_token_level("planned-order decoding")
             return evaluate_planned(model, val_tokens, byte_table, cfg, order=order, passes=passes,
                                     tokens_per_pass=tokens_per_pass, num_seqs=num_seqs, modes=modes, device=device)
         results = evaluate_elbo(network, val_tokens, byte_table, cfg,

@@ -26,6 +26,7 @@ class SampleOptions:
     seed: int = 0
 
     def check(self, cfg: Config) -> None:
+        cfg.require_token_level("sampling")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         for name in ("num", "steps"):

@@ -101,7 +101,7 @@ def train_step(loss_module: torch.nn.Module, prepare: Prepare, model: Transforme
     device = env.device
     noise = step_noise(cfg, step, env.world_size, device)
     batches = [prepare(to_device(loader.next_rows(cfg.batch_rows), device),
-                       noise.rows(global_row_ids(m, cfg.batch_rows, env.rank, env.world_size).to(device)))
+                       noise.rows(global_row_ids(m, cfg.batch_rows, env.rank, env.world_size).to(device)), step)
                for m in range(cfg.grad_accum)]
     # normalize by the scored tokens of the whole global batch, so any split gives one loss
     scored = all_reduce_sum(sum(batch.scored for batch in batches).double()).clamp(min=1)
@@ -124,7 +124,19 @@ def step_noise(cfg: Config, step: int, world_size: int, device: torch.device) ->
     the training device: every split of the batch over ranks and micro-steps sees the same draws,
     resuming needs no generator state, and the GPU never waits for a host-to-device copy."""
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-    return draw_noise(cfg.batch_rows * cfg.grad_accum * world_size, cfg.seq_len, generator, cfg.time_sampling)
+    noise = draw_noise(cfg.batch_rows * cfg.grad_accum * world_size, cfg.seq_len, generator, cfg.time_sampling,
+                       cfg.subtokens)
+    if step < cfg.time_warmup_steps:  # early on, fewer near-fully-masked rows
+        noise.t = noise.t * time_ceiling(step, cfg)
+    return noise
+
+
+def time_ceiling(step: int, cfg: Config) -> float:
+    """The largest diffusion time of 0-based `step` under the time warmup: time_warmup_start rising
+    linearly to 1 over time_warmup_steps steps (1 from then on)."""
+    if step >= cfg.time_warmup_steps:
+        return 1.0
+    return cfg.time_warmup_start + (1.0 - cfg.time_warmup_start) * step / cfg.time_warmup_steps
 
 
 def global_row_ids(micro: int, rows: int, rank: int, world_size: int) -> torch.Tensor:
@@ -149,7 +161,7 @@ def warm_up(loss_module: torch.nn.Module, prepare: Prepare, model: Transformer, 
     generator = torch.Generator().manual_seed(0)
     x0 = torch.randint(2, cfg.vocab_size, (cfg.batch_rows, cfg.seq_len), generator=generator)
     x0[:, 0] = BOS_ID
-    noise = draw_noise(cfg.batch_rows, cfg.seq_len, torch.Generator(env.device).manual_seed(0))
+    noise = draw_noise(cfg.batch_rows, cfg.seq_len, torch.Generator(env.device).manual_seed(0), digits=cfg.subtokens)
     with autocast(env.device):
         weighted_sum = loss_module(*prepare(x0.to(env.device), noise).loss_args())
     weighted_sum.backward()
