@@ -12,7 +12,6 @@ from mdlm_golf.attention import block_attention_mask, block_document_ids
 from mdlm_golf.coder import compress_tokens, decompress_tokens
 from mdlm_golf.config import BOS_ID, Config, build_config
 from mdlm_golf.diffusion import subs_log_probs
-from mdlm_golf.eval import evaluate
 from mdlm_golf.eval.harness import make_slices
 from mdlm_golf.eval.planned import planned_bits
 from mdlm_golf.model import Transformer

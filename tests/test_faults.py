@@ -164,13 +164,13 @@ def test_crash_mid_checkpoint_keeps_the_previous_one(data_dir, shared_tokenizer_
     real_save, targets, before = torch.save, [], {}
 
     def save_then_crash(obj, f, *args, **kwargs):
-        targets.append(Path(f))
+        targets.append(Path(f.name))  # the open temporary torch.save writes into
         if len(targets) == 1:
             return real_save(obj, f, *args, **kwargs)
         before["bytes"] = final.read_bytes()
         buffer = io.BytesIO()
         real_save(obj, buffer)
-        Path(f).write_bytes(buffer.getvalue()[: buffer.tell() // 2])  # a partial file, then the crash
+        f.write(buffer.getvalue()[: buffer.tell() // 2])  # a partial file, then the crash
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as mp:

@@ -187,9 +187,11 @@ def test_cli_round_trips_any_file_and_reports_on_stderr(tmp_path, cfg, capsys):
     assert cli.main(["decompress", "--run", str(run), str(packed), str(out)]) == 0
     assert out.read_bytes() == data and capsys.readouterr().out == ""
     src.write_bytes(b"")  # an empty file round-trips and reports no rate (not "inf bits/byte")
-    assert cli.main(["compress", "--run", str(run), str(src), str(packed)]) == 0
+    assert cli.main(["compress", "--run", str(run), str(src), str(packed)]) == 2  # written before: kept
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["compress", "--run", str(run), str(src), str(packed), "--overwrite"]) == 0
     assert "empty input: no bits/byte" in capsys.readouterr().err
-    assert cli.main(["decompress", "--run", str(run), str(packed), str(out)]) == 0
+    assert cli.main(["decompress", "--run", str(run), str(packed), str(out), "--overwrite"]) == 0
     assert out.read_bytes() == b""
     capsys.readouterr()
     assert cli.main(["compress", "--run", str(run), str(tmp_path / "missing.txt"), str(packed)]) == 2

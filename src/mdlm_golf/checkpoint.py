@@ -7,6 +7,7 @@ hold tensors and plain Python values but nothing that runs code when it is read.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import struct
@@ -17,7 +18,7 @@ import torch
 
 from .config import Config, config_from_dict
 from .files import atomic_path
-from .model import Transformer
+from .model import Transformer, parameter_shapes
 
 FORMAT = "mdlm-golf-checkpoint-v1"  # the layout of the saved dict
 SEAL = b"mdlm-golf-checkpoint-v2 sha256:"  # the container: torch's zip with a checksum comment
@@ -59,12 +60,26 @@ def seal_file(path: Path) -> None:
 
 
 def save_checkpoint(path: Path, model: Transformer, cfg: Config, **extra) -> None:
-    """torch.save to a temporary file, seal it, then rename: a crash mid-write keeps the previous file."""
+    """torch.save to a temporary file, seal it, then rename: a crash or a full disk mid-write keeps the
+    previous file (and leaves no temporary)."""
     path = Path(path)
     state = {"format": FORMAT, "config": cfg.to_dict(), "model": model.state_dict(), **extra}
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:  # a file object: a full disk is OSError(ENOSPC), not torch's RuntimeError
+            save_into(state, f)
         seal_file(tmp)
+
+
+def save_into(state: dict, f: BinaryIO) -> None:
+    """torch.save into an open file; a failed write is the OSError it was (torch's zip writer wraps the
+    write error it meets while closing the archive in a RuntimeError)."""
+    try:
+        torch.save(state, f)
+    except RuntimeError as e:
+        cause = e.__context__ or e.__cause__
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise OSError(errno.EIO, f"torch.save failed ({torch_reason(e)})") from None
 
 
 def check_seal(path: Path, f: BinaryIO) -> None:
@@ -135,12 +150,26 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[Transfor
         cfg = config_from_dict(state["config"], str(path))
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad config ({e})") from None
+    check_weights_fit(path, cfg, {k: tuple(v.shape) for k, v in state["model"].items()
+                                  if isinstance(v, torch.Tensor)}, CheckpointError)
     model = Transformer(cfg)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
     return model.to(device), cfg, state
+
+
+def check_weights_fit(path: Path, cfg: Config, shapes: dict[str, tuple[int, ...]], error: type[Exception]) -> None:
+    """`error` unless the file's tensors are exactly the weights its config's model has, checked on the
+    meta device before the model is built: a config that claims a larger model than the file holds
+    is refused, not allocated."""
+    want = parameter_shapes(cfg)
+    if shapes == want:
+        return
+    name = next(iter(sorted(set(want) ^ set(shapes))), None) or next(k for k in want if want[k] != shapes[k])
+    raise error(f"{path}: weights do not match its config ({name}: the file holds "
+                f"{shapes.get(name, 'nothing')}, the config needs {want.get(name, 'nothing')})")
 
 
 def run_checkpoint(run_dir: Path) -> Path:

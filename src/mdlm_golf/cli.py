@@ -9,8 +9,11 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Callable
 
 from .artifact import OversizeError, export_artifact, format_size_table, load_artifact
 from .checkpoint import load_model, run_checkpoint
@@ -26,10 +29,11 @@ from .demo import run_demo
 from .dist import init_distributed, pick_device, shutdown
 from .eval import MODES, evaluate, format_headline, format_result, projected_seconds
 from .experiments import RECIPES, ablate, parse_recipe, race
-from .files import write_bytes_atomic, write_text_atomic
+from .files import check_output, write_bytes_atomic, write_text_atomic
 from .sampling import decode_rows, generate
 from .submission import script_bytes, write_submission
-from .train import check_run_dir, resume_config, train
+from .train import RunInterrupted, check_run_dir, resume_config, train
+from .train.rundir import RUN_FILES
 
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp\d+$")  # files.atomic_path's temporary of NAME
 
@@ -54,6 +58,11 @@ def tokenizer_path(given: str | None, recorded: str | None = None, data_dir: Pat
 def same_path(a: Path, b: Path) -> bool:
     """Whether two paths name the same folder (`train --resume R --out R`: the user's own command)."""
     return a.resolve() == b.resolve()
+
+
+def run_files(run_dir: str | None) -> list[Path]:
+    """The files of a run folder a command reads from (weights, checkpoint, config, logs): never written."""
+    return [Path(run_dir) / name for name in RUN_FILES] if run_dir else []
 
 
 def load_scored_model(args: argparse.Namespace, device):
@@ -130,6 +139,8 @@ def cmd_race(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     """mdlm-golf eval: bits per byte of a run or an artifact on the val split."""
     env = init_distributed()
+    if args.json:
+        check_output(Path(args.json), args.overwrite, [*run_files(args.run), *filter(None, [args.artifact])])
     model, cfg, state = load_scored_model(args, env.device)
     tokenizer = tokenizer_path(args.tokenizer, state.get("tokenizer"), Path(args.data))
     byte_table = ByteTable.from_tokenizer(load_tokenizer(tokenizer), cfg.vocab_size)
@@ -162,6 +173,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         data = Path(args.input).read_bytes()
     except OSError as e:
         raise ValueError(f"{args.input}: cannot read ({e.strerror or e})") from None
+    check_output(Path(args.output), args.overwrite, [Path(args.input), *run_files(args.run)])
     model, cfg, sp = coder_model(args)
     info = compress_file(model, cfg, sp, data, Path(args.output), mode=args.mode,
                          **planned_options(args, cfg, DEFAULT_CODER_PASSES))
@@ -174,6 +186,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 def cmd_decompress(args: argparse.Namespace) -> None:
     """mdlm-golf decompress: an MDZ1 file -> the original bytes."""
+    check_output(Path(args.output), args.overwrite, [Path(args.input), *run_files(args.run)])
     model, cfg, sp = coder_model(args)
     data = decompress_file(model, cfg, sp, Path(args.input))
     write_bytes_atomic(Path(args.output), data)
@@ -183,6 +196,8 @@ def cmd_decompress(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     """mdlm-golf export: a run's weights -> the quantized, compressed artifact, with its size table."""
     packed = {"packed": True, "bytes": False, "best": None}[args.layout]
+    for output in filter(None, [args.out, args.json]):
+        check_output(Path(output), args.overwrite, run_files(args.run))
     try:  # code bytes: the record script a submission ships (train_mdlm.py), not the package's files
         report = export_artifact(run_checkpoint(Path(args.run)), Path(args.out), args.quant, args.compressor,
                                  code_bytes=script_bytes(), method=args.method, packed=packed,
@@ -200,6 +215,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_submission(args: argparse.Namespace) -> None:
     """mdlm-golf submission: score the artifact and write a record folder."""
+    check_record_folder(Path(args.out), args.overwrite, [Path(args.run), Path(args.artifact).parent,
+                                                         Path(args.data)])
     device = pick_device()
     model, cfg, meta = load_artifact(Path(args.artifact), device)
     tokenizer = tokenizer_path(args.tokenizer, meta.get("tokenizer"), Path(args.data))
@@ -208,8 +225,20 @@ def cmd_submission(args: argparse.Namespace) -> None:
                        steps=args.elbo_steps, num_seqs=args.num_seqs, seed=args.seed, device=device)
     info = write_submission(Path(args.run), Path(args.artifact), Path(args.out), name=args.name,
                             github_id=args.github_id, eval_results=results, size_report=meta,
-                            hardware=args.hardware, seeds=[cfg.seed])
+                            hardware=args.hardware, seeds=[cfg.seed], overwrite=args.overwrite)
     print(json.dumps(info, indent=2))
+
+
+def check_record_folder(out: Path, overwrite: bool, reads: list[Path]) -> None:
+    """Before any scoring: the record folder is neither a folder the command reads (nor holds one), and
+    it holds no files unless overwrite."""
+    target = out.resolve()
+    for folder in reads:
+        source = folder.resolve()
+        if target == source or target in source.parents:
+            raise ValueError(f"{out}: the record folder would replace {folder}, which this command reads")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"{out}: holds files; pass --overwrite to replace the record folder")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -274,16 +303,78 @@ def describe_os_error(e: OSError) -> str:
     return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread (the default action would end the process without a word)."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+# commands whose long stretches run in C (quantizing, compressing, the coder's forwards): run off the main
+# thread, so a signal is seen within a poll interval instead of when the C call returns
+BACKGROUND_COMMANDS = ("export", "compress", "decompress")
+POLL_SECONDS = 0.1
+
+
+def run_in_background(func: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """func(args) in a daemon thread while the main thread waits in short polls (where signals land); its
+    exception is raised here. Interrupted, the thread is left to die with the process: its atomic write
+    leaves at most a temporary, which the next write of that file removes."""
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            func(args)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread as it is
+            failure.append(e)
+
+    worker = threading.Thread(target=work, name=f"mdlm-golf {args.command}", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(POLL_SECONDS)
+    if failure:
+        raise failure[0]
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """The command, under a SIGTERM handler that turns the signal into one line (train, race and ablate
+    install their own while training: a checkpoint first)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    try:
+        if args.command in BACKGROUND_COMMANDS and main_thread:
+            run_in_background(args.func, args)
+        else:
+            args.func(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; every expected failure is one line `mdlm-golf CMD: error: ...` and exit 2."""
+    """Run one command; every expected failure is one line `mdlm-golf CMD: error: ...` and exit 2; a
+    signal is one line and 130 (SIGINT) or 143 (SIGTERM)."""
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
         print(e, file=sys.stderr)
         return 2
-    clean = False
+    code = run_reporting(args)
+    if code in (130, 143) and args.command in BACKGROUND_COMMANDS:
+        # a signal stopped a background command mid-way: end without the interpreter's shutdown, which would
+        # wait on, or abort inside (torch's threads), the C calls it left running
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def run_reporting(args: argparse.Namespace) -> int:
+    """Run the parsed command; report its failure in one line; the exit status."""
+    clean, name = False, f"mdlm-golf {args.command}"
     try:
-        args.func(args)
+        run_command(args)
         clean = True
     except BrokenPipeError:  # stdout piped into `head`: stop quietly, and let no flush at exit complain
         try:
@@ -291,14 +382,20 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):  # a stdout without a descriptor (captured) has nothing to flush
             pass
         return 1
-    except (ValueError, FloatingPointError) as e:  # DataError, CheckpointError, ... are ValueErrors
-        print(f"mdlm-golf {args.command}: error: {one_line(str(e))}", file=sys.stderr)
+    except RunInterrupted as e:  # a race's or an ablation's run, checkpointed
+        print(f"{name}: interrupted: {one_line(str(e))}", file=sys.stderr)
+        return 143 if e.signal == "SIGTERM" else 130
+    except (ValueError, FloatingPointError) as e:  # DataError, CheckpointError, UnicodeError ... are ValueErrors
+        print(f"{name}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a missing folder, a directory in the way, a full disk, no permission
-        print(f"mdlm-golf {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"{name}: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
-        print(f"mdlm-golf {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     finally:
         shutdown(clean)  # leave the torchrun process group cleanly, or a rank can abort at exit

@@ -53,6 +53,16 @@ def ranged(kind: type, low: float, high: float = math.inf, low_in: bool = True,
     return parse
 
 
+def text(raw: str) -> str:
+    """An argparse type= for free text (a prompt, a name): UTF-8, as a shell may hand over any bytes."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+    return raw
+
+
+OVERWRITE_HELP = "replace the output if it exists (never a file the command reads)"
 POSITIVE = ranged(int, 1)
 COUNT = ranged(int, 0)  # 0 allowed: "none" or "all", as each flag's help says
 SEED = ranged(int, 0, MAX_SEED, high_in=True)
@@ -147,8 +157,8 @@ def add_train(sub: Subparsers) -> argparse.ArgumentParser:
 def add_ablate(sub: Subparsers) -> argparse.ArgumentParser:
     """ablate: a sweep of one config field."""
     p = sub.add_parser("ablate", help="one run per value x seed of a numeric config field; table and plot")
-    p.add_argument("--param", required=True, help="the config field to vary, e.g. num_heads")
-    p.add_argument("--values", required=True, help="comma-separated values, e.g. 2,4,8,16,32")
+    p.add_argument("--param", required=True, type=text, help="the config field to vary, e.g. num_heads")
+    p.add_argument("--values", required=True, type=text, help="comma-separated values, e.g. 2,4,8,16,32")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--tokenizer", help=MANIFEST_TOKENIZER_HELP)
@@ -167,9 +177,9 @@ def add_race(sub: Subparsers) -> argparse.ArgumentParser:
                    help=f"what every run gets as much of as the yardstick ({YARDSTICK}) in --steps steps: tokens "
                         "(default: the same steps), training FLOPs (fewer steps for a costlier model) or "
                         "training seconds (a quiet machine's; the yardstick trains first)")
-    p.add_argument("--recipes", default=None,
+    p.add_argument("--recipes", default=None, type=text,
                    help=f"comma-separated built-in recipes (default: all of them: {', '.join(RECIPES)})")
-    p.add_argument("--recipe", action="append", metavar="NAME:FIELD=VALUE,...",
+    p.add_argument("--recipe", action="append", type=text, metavar="NAME:FIELD=VALUE,...",
                    help="a recipe of your own (repeatable), e.g. wide:model_dim=192,num_heads=3")
     p.add_argument("--seeds", default="1,2", help="comma-separated seeds (default 1,2)")
     p.add_argument("--data", required=True, help=DATA_HELP)
@@ -202,6 +212,7 @@ def add_eval(sub: Subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-rows", type=POSITIVE, default=None,
                    help="(slice, step) rows per forward (default: the run's eval_batch_rows)")
     p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--method", choices=("elbo", "planned"), default="elbo",
                    help="elbo: the T-step ELBO upper bound; planned: the exact code length of "
                         "planned-order decoding (--order, --passes / --tokens-per-pass)")
@@ -217,6 +228,7 @@ def add_coder_command(sub: Subparsers, name: str, helptext: str, input_help: str
     p.add_argument("--tokenizer", help=RUN_TOKENIZER_HELP)
     p.add_argument("input", help=input_help)
     p.add_argument("output", help=output_help)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return p
 
 
@@ -256,6 +268,7 @@ def add_export(sub: Subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-oversize", action="store_true",
                    help="write the artifact even if code + artifact exceed 16,000,000 bytes")
     p.add_argument("--json", help="write the size report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return p
 
 
@@ -266,10 +279,11 @@ def add_submission(sub: Subparsers) -> argparse.ArgumentParser:
     p.add_argument("--artifact", required=True, help="artifact written by export")
     p.add_argument("--data", required=True, help="folder with fineweb_val_*.bin (the artifact is scored)")
     p.add_argument("--tokenizer", help=RUN_TOKENIZER_HELP)
-    p.add_argument("--out", required=True, help="records/DATE_NAME/")
-    p.add_argument("--name", required=True)
-    p.add_argument("--github-id", required=True)
-    p.add_argument("--hardware", default="8xH100 SXM")
+    p.add_argument("--out", required=True, help="records/DATE_NAME/ (written whole, or not at all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out folder that holds files")
+    p.add_argument("--name", required=True, type=text)
+    p.add_argument("--github-id", required=True, type=text)
+    p.add_argument("--hardware", default="8xH100 SXM", type=text)
     p.add_argument("--elbo-steps", type=POSITIVE, default=128)
     p.add_argument("--num-seqs", type=COUNT, default=0, help="val slices; 0 = the whole split")
     p.add_argument("--seed", type=SEED, default=0)
@@ -306,7 +320,7 @@ def add_sample(sub: Subparsers) -> argparse.ArgumentParser:
     source.add_argument("--run", help="run folder (holds model.pt)")
     source.add_argument("--artifact", help="compressed artifact written by export")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one the model trained with)")
-    p.add_argument("--prompt", default=None, help="text every sample continues (kept verbatim after BOS)")
+    p.add_argument("--prompt", default=None, type=text, help="text every sample continues (kept verbatim after BOS)")
     p.add_argument("--length", type=ranged(int, 2), default=256,
                    help="tokens per sample, BOS included (<= seq_len)")
     p.add_argument("--steps", type=POSITIVE, default=128, help="denoising steps T on the training schedule")

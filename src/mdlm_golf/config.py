@@ -51,6 +51,13 @@ LOSS_WEIGHTS = ("elbo", "flat")
 
 MAX_VOCAB = 65535 - 2  # shards hold uint16 ids, and MASK and PAD take the two ids after the vocabulary
 MAX_SEED = 2**32 - 1
+# Shapes no real run reaches (the reference model: 11 layers, width 512, seq 2048), so a config read from
+# a file (a checkpoint's, an artifact's, a saved run's) that claims more is refused before anything is
+# allocated for it, by the same range check as a flag
+MAX_SEQ_LEN = 1 << 20
+MAX_LAYERS = 1024
+MAX_WIDTH = 1 << 16  # model_dim, cond_dim
+MAX_ROWS = 1 << 20  # rows of a batch or an evaluation forward
 POSITIVE_INTS = ("num_layers", "model_dim", "num_heads", "mlp_mult", "cond_dim", "seq_len", "batch_rows",
                  "grad_accum", "steps", "shards_per_group", "elbo_steps", "eval_batch_rows", "log_every")
 COUNTS = ("global_batch_rows", "warmup_steps", "warmdown_steps", "batches_per_group", "eval_num_seqs",
@@ -71,6 +78,11 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "noise_eps": (0, 1, False, False),
     "anchor_mask_prob": (0, 1, True, True),
     "subtokens": (1, math.inf, True, False),
+    **{name: (1, bound, True, True) for name, bound in (
+        ("seq_len", MAX_SEQ_LEN), ("num_layers", MAX_LAYERS), ("model_dim", MAX_WIDTH), ("cond_dim", MAX_WIDTH),
+        ("num_heads", MAX_WIDTH), ("mlp_mult", 64), ("batch_rows", MAX_ROWS), ("eval_batch_rows", MAX_ROWS),
+        ("elbo_steps", MAX_SEQ_LEN))},
+    "decoder_layers": (0, MAX_LAYERS, True, True),
     "init_std": (0, 1, False, True),
     "time_warmup_start": (0, 1, False, True),
 }

@@ -5,8 +5,10 @@ a temporary left by a killed writer (SIGKILL, power loss) is removed by the next
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
@@ -38,8 +40,12 @@ def remove_stale_temps(path: Path) -> None:
     for name in names:
         pid = name[len(prefix):]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            leftover = path.parent / name
             with suppress(OSError):  # a leftover we may not delete must not stop this write
-                (path.parent / name).unlink(missing_ok=True)
+                if leftover.is_dir():  # an atomic_folder's
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -59,6 +65,51 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_folder(path: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it becomes `path` (replacing a folder that holds files
+    only when `replace`), on failure it is removed, so `path` is never left half written."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not replace:
+        raise FileExistsError(errno.EEXIST, "holds files; pass --overwrite to replace it", str(path))
+    remove_stale_temps(path)
+    tmp = path.with_name(f"{temp_prefix(path)}{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.is_dir() and any(path.iterdir()):  # replace: the old folder goes only once the new one is whole
+            old = path.with_name(f"{temp_prefix(path)}{os.getpid()}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None and e.errno is not None:  # a full disk names no file: name the folder
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output(path: Path, overwrite: bool, reads: list[Path] = ()) -> None:
+    """Refuse to write `path` when it is a file this command reads (never, even with overwrite) or an
+    existing file (unless overwrite): nothing already written is replaced without being asked."""
+    path = Path(path)
+    target = path.resolve()
+    for source in reads:
+        if Path(source).resolve() == target:
+            raise FileExistsError(errno.EEXIST, "is a file this command reads; write to another path",
+                                  str(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; name a file to write", str(path))
+    if path.exists() and not overwrite:
+        raise FileExistsError(errno.EEXIST, "exists; pass --overwrite to replace it", str(path))
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

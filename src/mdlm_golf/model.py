@@ -160,6 +160,13 @@ class DigitEmbedding(nn.Module):
         return torch.where(own[..., None], token_embed(ids.clamp(max=self.pad)), x)
 
 
+def parameter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """The shape of every weight of a config's model, built on the meta device: nothing is allocated, so
+    a config read from a file can be checked against the tensors the file holds before the model exists."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
+
+
 class Transformer(nn.Module):
     """The network of every model kind: x_t [B, L] ids (with MASK/PAD), sigma [B], clean x_0 [B, L] ->
     logits [B, L, vocab+2] at x_t's positions.

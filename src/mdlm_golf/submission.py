@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from .eval import headline
-from .files import write_text_atomic
+from .files import atomic_folder, read_json_object
 
 PACKAGE = Path(__file__).resolve().parent
 SCRIPT_NAME = "train_mdlm.py"
@@ -20,7 +20,7 @@ from .config import build_config
 from .data import ByteTable, load_split, load_tokenizer
 from .dist import barrier, init_distributed, shutdown
 from .eval import HEADLINE_MODES, evaluate, format_result, plan_elbo_steps
-from .files import write_text_atomic
+from .files import atomic_folder, read_json_object
 from .train import train
 """
 MAIN_STDLIB = ("import json", "import os", "import time", "from pathlib import Path")  # SCRIPT_MAIN's own imports
@@ -250,12 +250,14 @@ def script_bytes() -> int:
 
 
 def write_submission(run_dir: Path, artifact_path: Path, out_dir: Path, *, name: str, github_id: str,
-                     eval_results: dict, size_report: dict, hardware: str, seeds: list[int]) -> dict:
-    """Write OUT/{train_mdlm.py, README.md, submission.json, train logs}; returns submission.json."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+                     eval_results: dict, size_report: dict, hardware: str, seeds: list[int],
+                     overwrite: bool = False) -> dict:
+    """Write OUT/{train_mdlm.py, README.md, submission.json, train logs}, all or nothing (a temporary folder
+    renamed at the end); returns submission.json. An OUT that holds files is replaced only with overwrite."""
+    config = read_json_object(Path(run_dir) / "config.json", SubmissionError)
+    if config is None:
+        raise SubmissionError(f"{Path(run_dir) / 'config.json'}: not found (--run names a run folder)")
     script = build_script()
-    write_text_atomic(out_dir / SCRIPT_NAME, script)
     code = len(script.encode("utf-8"))
     model_bytes = Path(artifact_path).stat().st_size
     main = headline(eval_results)  # strict ELBO bound for an MDLM, the exact chain rule for AR
@@ -269,11 +271,12 @@ def write_submission(run_dir: Path, artifact_path: Path, out_dir: Path, *, name:
         "hardware": hardware, "seeds": seeds, "quant": size_report.get("spec"),
         "compressor": size_report.get("compressor"),
     }
-    write_text_atomic(out_dir / "submission.json", json.dumps(info, indent=2) + "\n")
-    write_text_atomic(out_dir / "README.md", record_readme(info, json.loads((run_dir / "config.json").read_text()),
-                                                        eval_results))
-    for log in sorted(Path(run_dir).glob("*.log")):
-        shutil.copyfile(log, out_dir / log.name)
+    with atomic_folder(Path(out_dir), replace=overwrite) as tmp:
+        (tmp / SCRIPT_NAME).write_text(script, encoding="utf-8")
+        (tmp / "submission.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        (tmp / "README.md").write_text(record_readme(info, config, eval_results), encoding="utf-8")
+        for log in sorted(Path(run_dir).glob("*.log")):
+            shutil.copyfile(log, tmp / log.name)
     return info
 
 

@@ -1,6 +1,7 @@
 """Payload compressors: zlib and lzma from the standard library, zstd and brotli where installed."""
 from __future__ import annotations
 
+import io
 import lzma
 import zlib
 from typing import Callable
@@ -63,3 +64,27 @@ def compress(raw: bytes, compressor: str) -> tuple[str, bytes, dict[str, int]]:
     blobs = {name: compressor_functions(name)[0](raw) for name in names}
     best = min(blobs, key=lambda n: len(blobs[n]))
     return best, blobs[best], {n: len(b) for n, b in blobs.items()}
+
+
+def decompress_bounded(name: str, payload: bytes, size: int) -> bytes:
+    """The payload decompressed to at most about size + 1 bytes: a stream that would expand past what
+    its table states stops there (the caller refuses it), rather than filling memory."""
+    limit = size + 1
+    if name == "zlib":
+        return zlib.decompressobj().decompress(payload, limit)
+    if name == "lzma":
+        return lzma.LZMADecompressor().decompress(payload, max_length=limit)
+    if name == "zstd":
+        zstd_functions()  # the one-line error when zstandard is missing
+        import zstandard  # optional package, as in zstd_functions
+
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(payload)).read(limit)
+    if name == "brotli":
+        brotli_functions()
+        import brotli  # optional package, as in brotli_functions
+
+        try:
+            return brotli.Decompressor().process(payload, output_buffer_limit=limit)[:limit]
+        except TypeError:  # brotli < 1.1 has no output limit
+            return brotli.decompress(payload)[:limit]
+    return compressor_functions(name)[1](payload)

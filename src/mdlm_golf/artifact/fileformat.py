@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import first_non_finite
+from ..checkpoint import check_weights_fit, first_non_finite
 from ..config import Config, config_from_dict
 from ..model import Transformer
-from .compress import compress, compressor_functions
+from .compress import compress, decompress_bounded
 from .quant import FORMAT_BITS, SMALL_NUMEL, QuantTensor, dequantize_state_dict, parse_spec
 
 MAGIC = b"MDLMGOLF"
@@ -28,6 +28,9 @@ VERSION = 2  # 2: the CRC covers header, metadata and payload (1: payload only)
 HEADER = struct.Struct("<8sHI")  # magic, version, metadata bytes
 CHECKSUM = struct.Struct("<I")  # CRC-32 of all bytes before it: 4 bytes, and any 1-byte change is caught
 META_KEYS = ("config", "compressor", "packed", "payload_bytes", "tensors")
+# the most a payload may expand: real exports compress their codes 1-2x (zero tensors more, but they are
+# a small share), so a file whose table claims more is crafted or corrupt and is refused before allocating
+MAX_EXPANSION = 64
 
 
 class ArtifactError(ValueError):
@@ -182,25 +185,28 @@ def read_meta(path: Path, data: bytes) -> tuple[dict, bytes]:
 
 
 def read_artifact(path: Path) -> tuple[dict, list[QuantTensor]]:
-    """The metadata and quantized tensors of an artifact file."""
+    """The metadata and quantized tensors of an artifact file. Every size it states is checked before
+    anything is allocated: the config's ranges, the tensor table against the config's model (on the meta
+    device), and the tensors' bytes against the payload (at most MAX_EXPANSION times its size)."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ArtifactError(f"{path}: cannot read artifact ({e.strerror})") from None
     meta, payload = read_meta(path, data)
+    sizes = checked_table(path, meta)
+    if sum(sizes) > MAX_EXPANSION * len(payload):
+        raise ArtifactError(f"{path}: its tensors claim {sum(sizes):,} bytes from a {len(payload):,}-byte "
+                            f"payload (more than {MAX_EXPANSION}x): not an artifact export wrote")
     try:
-        raw = compressor_functions(meta["compressor"])[1](payload)
+        raw = decompress_bounded(meta["compressor"], payload, sum(sizes))
     except ValueError as e:  # an unknown or uninstalled compressor
         raise ArtifactError(f"{path}: {e}") from None
     except Exception as e:  # each library raises its own error type for a corrupt stream
         raise ArtifactError(f"{path}: cannot decompress the {meta['compressor']} payload ({e})") from None
-    try:
-        sizes = [entry_bytes(e, meta["packed"]) for e in meta["tensors"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: corrupt tensor table ({e!r})") from None
     if sum(sizes) != len(raw):
-        raise ArtifactError(f"{path}: payload holds {len(raw)} bytes, its tensors need {sum(sizes)}")
+        raise ArtifactError(f"{path}: payload holds {len(raw)}{'+' if len(raw) > sum(sizes) else ''} bytes, "
+                            f"its tensors need {sum(sizes)}")
     offsets = np.cumsum([0, *sizes]).tolist()
     try:
         qtensors = [tensor_from_bytes(e, raw[a:b], meta["packed"])
@@ -210,13 +216,34 @@ def read_artifact(path: Path) -> tuple[dict, list[QuantTensor]]:
     return meta, qtensors
 
 
+def checked_table(path: Path, meta: dict) -> list[int]:
+    """The payload bytes of every tensor entry, once the config is in range and the table lists exactly
+    its model's weights with their shapes (each entry's stored rows at most its shape's)."""
+    cfg = artifact_config(path, meta)
+    try:
+        entries = {e["name"]: e for e in meta["tensors"]}
+        check_weights_fit(path, cfg, {name: tuple(e["shape"]) for name, e in entries.items()}, ArtifactError)
+        if any(not 0 <= e["rows"] <= max(1, (e["shape"] or [1])[0]) for e in entries.values()):
+            raise ValueError("stored rows outside a tensor's shape")
+        return [entry_bytes(e, meta["packed"]) for e in meta["tensors"]]
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ArtifactError):
+            raise
+        raise ArtifactError(f"{path}: corrupt tensor table ({e!r})") from None
+
+
+def artifact_config(path: Path, meta: dict) -> Config:
+    """The artifact's config, range-checked as a flag would be."""
+    try:
+        return config_from_dict(meta["config"], str(path))
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: bad config ({e})") from None
+
+
 def load_artifact(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config, dict]:
     """A model with the artifact's dequantized float32 weights, its config and metadata."""
     meta, qtensors = read_artifact(path)
-    try:
-        cfg = config_from_dict(meta["config"], str(path))
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{path}: bad config ({e})") from None
+    cfg = artifact_config(path, meta)
     state = dequantize_state_dict(qtensors)
     bad = first_non_finite(state)
     if bad is not None:

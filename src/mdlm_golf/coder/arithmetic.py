@@ -7,6 +7,8 @@ model gave p < 2**-20: the +1 is a floor); the coder's end costs ~2 bits plus th
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -15,6 +17,12 @@ FULL = (1 << STATE_BITS) - 1
 HALF = 1 << (STATE_BITS - 1)
 QUARTER = 1 << (STATE_BITS - 2)
 TOTAL = 1 << 20  # frequency scale; must stay well below QUARTER
+
+
+def min_bits_per_symbol(vocab_size: int) -> float:
+    """The least any coded token costs: its frequency is at most TOTAL - V + 1 of TOTAL (every other
+    token keeps at least 1), -log2(1 - (V - 1) / TOTAL): 0.0014 bits for V = 1024."""
+    return -math.log2(1.0 - (vocab_size - 1) / TOTAL)
 
 
 class ArithmeticEncoder:

@@ -25,11 +25,15 @@ from ..diffusion import subs_logits
 from ..eval import Schedule, check_order, masked_start, run_planned
 from ..eval.planned import Reveal
 from ..files import write_bytes_atomic
-from .arithmetic import ArithmeticDecoder, ArithmeticEncoder, cumulative_frequencies
+from .arithmetic import ArithmeticDecoder, ArithmeticEncoder, cumulative_frequencies, min_bits_per_symbol
 from .container import CoderError, Header, ids_crc, model_fingerprint
 from .escape import apply_edits, pack_edits, split_input, unpack_edits
 
 CODER_MODES = ("strict", "anchored")
+# The encoder drops the code's trailing zero bytes (the decoder reads zeros past the end); a token costs at
+# least min_bits_per_symbol, so a header's token count is bounded by the code's bits plus this many dropped
+# bytes (32,768 zero bits: ~23M near-certain tokens at a file's end, far past any real file)
+DROPPED_ZERO_SLACK = 4096
 BATCH_ROWS = 16  # slices per forward (recorded in the header: the decoder must batch the same way)
 
 # the left-to-right loop's callback: reveal(position, logits [V]) -> the id at that stream position
@@ -201,6 +205,10 @@ def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.
     anchors = header.anchors
     if anchors and (anchors[-1] >= header.num_tokens or len(set(anchors)) < len(anchors)):
         raise CoderError("corrupted header (anchor positions)")
+    most = len(anchors) + int(8 * (len(code) + DROPPED_ZERO_SLACK) / min_bits_per_symbol(cfg.vocab_size)) + 1
+    if header.num_tokens > most:  # checked before anything is allocated for them
+        raise CoderError(f"corrupted header: it claims {header.num_tokens:,} tokens, more than a "
+                         f"{len(code):,}-byte code can hold ({most:,})")
     tokens = cfg.tokens
     decoder = ArithmeticDecoder(code)
     with coding_context(model):

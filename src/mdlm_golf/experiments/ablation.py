@@ -24,9 +24,9 @@ from ..checkpoint import load_model, run_checkpoint
 from ..config import Config, field_types, parse_value, with_defaults
 from ..data import ByteTable, load_split, load_tokenizer
 from ..eval import evaluate, headline
-from ..files import atomic_path, write_text_atomic
+from ..files import atomic_path, read_json_object, write_text_atomic
 from ..dist import pick_device
-from ..train import train
+from ..train import CHECKPOINT_NAME, RunInterrupted, train
 
 EVAL_SEED = 0  # mask seed of every run's evaluation (the `mdlm-golf eval` default)
 SUMMARY_NAME = "train_summary.json"  # written before eval.json: eval.json marks a finished run
@@ -77,22 +77,36 @@ def check_reusable(run: Run) -> bool:
     """True when the run finished before with this very config; an error when it was made with another."""
     if not ((run.run_dir / "eval.json").is_file() and (run.run_dir / SUMMARY_NAME).is_file()):
         return False
-    saved = with_defaults(json.loads((run.run_dir / "config.json").read_text()))
+    check_same_config(run, run.run_dir / "config.json", "finished")
+    return True
+
+
+def check_same_config(run: Run, path: Path, state: str) -> None:
+    """ValueError naming the folder unless the run's saved config (path) is the one planned now."""
+    saved = with_defaults(read_json_object(path, ValueError) or {})
     changed = {k: (saved.get(k), v) for k, v in run.cfg.for_world(1).to_dict().items() if saved.get(k) != v}
     if changed:
         diffs = ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in sorted(changed.items()))
-        raise ValueError(f"{run.run_dir}: finished with another config ({diffs}); use a fresh out folder")
-    return True
+        raise ValueError(f"{run.run_dir}: {state} with another config ({diffs}); use a fresh out folder")
 
 
 def train_and_score(run: Run, data_dir: Path, tokenizer_path: Path, val: np.ndarray,
                     byte_table: ByteTable, eval_seed: int) -> None:
-    """Train quietly (the log goes to RUN/train.log only), then score the reloaded model.pt."""
-    for stale in ("train.log", "metrics.jsonl", SUMMARY_NAME, "eval.json"):  # of an interrupted try
-        (run.run_dir / stale).unlink(missing_ok=True)
+    """Train quietly (the log goes to RUN/train.log only), then score the reloaded model.pt. A run a signal
+    stopped before resumes from its checkpoint; a signal now leaves a checkpoint and raises RunInterrupted
+    (no summary or eval is written for a run without a model)."""
+    resume = (run.run_dir / CHECKPOINT_NAME).is_file()
+    if resume:
+        check_same_config(run, run.run_dir / "config.json", "stopped")
+    stale = [SUMMARY_NAME, "eval.json", *([] if resume else ["train.log", "metrics.jsonl"])]
+    for name in stale:  # of an interrupted try (a resumed run keeps its log, cut back to its checkpoint)
+        (run.run_dir / name).unlink(missing_ok=True)
     # RunLog prints through tqdm.write, not echo, when stderr is a terminal: swallow stdout too
     with contextlib.redirect_stdout(io.StringIO()):
-        summary = train(run.cfg, data_dir, run.run_dir, tokenizer_path, run_eval=False, echo=lambda s: None)
+        summary = train(run.cfg, data_dir, run.run_dir, tokenizer_path, run_eval=False, resume=resume,
+                        echo=lambda s: None)
+    if summary["interrupted"]:
+        raise RunInterrupted(summary["interrupted"], run.run_dir)
     write_text_atomic(run.run_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     model, cfg, _ = load_model(run_checkpoint(run.run_dir), pick_device())
     results = evaluate(model, val, byte_table, cfg, steps=cfg.elbo_steps, num_seqs=cfg.eval_num_seqs,
@@ -102,15 +116,19 @@ def train_and_score(run: Run, data_dir: Path, tokenizer_path: Path, val: np.ndar
 
 def run_record(run: Run, out_dir: Path) -> dict:
     """One run's row of ablation.json, read back from its folder."""
-    summary = json.loads((run.run_dir / SUMMARY_NAME).read_text())
-    results = json.loads((run.run_dir / "eval.json").read_text())
-    main = headline(results)  # an AR run has one exact figure: it stands in both columns
-    return {"value": run.value, "seed": run.seed, "strict_bpb": main["bpb"], "kind": main["kind"],
-            "anchored_bpb": results.get("anchored", main)["bpb"], "tokens": summary["tokens"],
-            "final_loss": summary["losses"][-1] if summary["losses"] else None,
-            "steps": summary["steps"], "num_params": summary["num_params"],
-            "train_seconds": summary["train_seconds"], "eval_seconds": main["eval_seconds"],
-            "run_dir": str(run.run_dir.relative_to(out_dir))}
+    summary = read_json_object(run.run_dir / SUMMARY_NAME, ValueError) or {}
+    results = read_json_object(run.run_dir / "eval.json", ValueError) or {}
+    try:
+        main = headline(results)  # an AR run has one exact figure: it stands in both columns
+        return {"value": run.value, "seed": run.seed, "strict_bpb": main["bpb"], "kind": main["kind"],
+                "anchored_bpb": results.get("anchored", main)["bpb"], "tokens": summary["tokens"],
+                "final_loss": summary["losses"][-1] if summary["losses"] else None,
+                "steps": summary["steps"], "num_params": summary["num_params"],
+                "train_seconds": summary["train_seconds"], "eval_seconds": main["eval_seconds"],
+                "run_dir": str(run.run_dir.relative_to(out_dir))}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{run.run_dir}: its {SUMMARY_NAME} or eval.json lacks a field ({e!r}); "
+                         f"delete them to train the run again") from None
 
 
 def ablate(base: Config, param: str, values: list, seeds: list[int], data_dir: Path, out_dir: Path,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .ablation import EVAL_SEED, Run, check_reusable, run_record, train_and_score
-from ..config import BEST_RECIPE, Config, parse_value
+from ..config import BEST_RECIPE, Config, field_types, parse_value
 from ..data import ByteTable, load_split, load_tokenizer
 from ..files import atomic_path, write_text_atomic
 from ..model import Transformer
@@ -81,11 +81,15 @@ def parse_recipe(text: str) -> tuple[str, dict[str, str]]:
 
 def recipe_configs(base: Config, recipes: dict[str, dict[str, str]]) -> dict[str, Config]:
     """Each recipe's config on the base (validated before anything trains)."""
-    configs = {}
+    configs, known = {}, field_types()
     for name, overrides in recipes.items():
+        unknown = sorted(set(overrides) - set(known))
+        if unknown:
+            raise ValueError(f"recipe {name!r}: unknown config field {unknown[0]!r}; the fields are "
+                             f"{', '.join(known)}")
         try:
             configs[name] = dataclasses.replace(base, **{k: parse_value(k, v) for k, v in overrides.items()})
-        except (KeyError, TypeError, ValueError) as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"recipe {name!r}: {e}") from None
     return configs
 
@@ -184,9 +188,16 @@ def race_one(run: Run, index: int, total: int, data_dir: Path, tokenizer_path: P
 def val_curve(metrics_path: Path, flops_per_token: int) -> list[dict]:
     """The run's periodic val figures: [{step, tokens, flops, elapsed_s, bpb}] (FLOPs from the tokens for
     runs logged before metrics.jsonl carried them)."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    return [{"step": r["step"], "tokens": r["tokens"], "flops": r.get("flops", r["tokens"] * flops_per_token),
-             "elapsed_s": r["elapsed_s"], "bpb": r["val_bpb"]} for r in records if "val_bpb" in r]
+    try:
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        records = [r for r in records if isinstance(r, dict)]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{metrics_path}: not JSON lines ({e})") from None
+    try:
+        return [{"step": r["step"], "tokens": r["tokens"], "flops": r.get("flops", r["tokens"] * flops_per_token),
+                 "elapsed_s": r["elapsed_s"], "bpb": r["val_bpb"]} for r in records if "val_bpb" in r]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{metrics_path}: a val record lacks a field ({e!r})") from None
 
 
 def mean_spread(values: list[float]) -> tuple[float, float | None]:

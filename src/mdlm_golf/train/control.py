@@ -58,6 +58,16 @@ class StopSignal:
                 signal.signal(signum, handler)
 
 
+class RunInterrupted(Exception):
+    """A run of a race or an ablation stopped by a signal: its checkpoint is written and nothing else (no
+    summary, no eval), and rerunning the command resumes it. `signal` is "SIGINT" or "SIGTERM"."""
+
+    def __init__(self, signal_name: str, run_dir):
+        super().__init__(f"{signal_name} received; {run_dir}/checkpoint.pt holds the run: rerun the command "
+                         f"to resume it")
+        self.signal = signal_name
+
+
 class Stop(enum.Enum):
     """Why training stopped: a signal leaves a checkpoint for --resume, the others finish the run."""
     STEPS = "steps"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..checkpoint import read_checkpoint, run_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, check_weights_fit, read_checkpoint, run_checkpoint, save_checkpoint
 from ..config import BOS_ID, Config
 from ..data import (ByteTable, ShardedLoader, check_batch_fits, check_manifest_tokens, load_split, load_tokenizer,
                     read_shard_set, shard_paths)
@@ -248,6 +248,9 @@ def open_run(cfg: Config, env: DistEnv, data_dir: Path, out_dir: Path, tokenizer
     _, source, counts = read_shard_set(train_shards)
     check_batch_fits(source, counts, cfg.batch_rows, cfg.seq_len, env.world_size)
     check_manifest_tokens(data_dir, "train", sum(counts))
+    if state is not None:  # the checkpoint's weights must be its config's before that model is built
+        check_weights_fit(out_dir / CHECKPOINT_NAME, cfg, {k: tuple(v.shape) for k, v in state["model"].items()
+                                                          if isinstance(v, torch.Tensor)}, CheckpointError)
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg).to(env.device)
     optimizer = build_optimizer(model, cfg, env.device)
@@ -295,6 +298,7 @@ def finish(run: Run, stop: Stop, done: int, seconds: float, train_seconds: float
     stop_reason = stop.describe(cfg, seconds)
     log.line(f"stopped at step {done}: {stop_reason}; training time {train_seconds:.1f}s")
     summary = {"steps": done, "train_seconds": train_seconds, "stop_reason": stop_reason,
+               "interrupted": stop.value if stop.resumable else None,  # the signal that stopped it, if one did
                "num_params": run.model.num_params(), "losses": losses, "tokens": run.tokens(done),
                "flops": run.flops(done)}
     if stop.resumable:

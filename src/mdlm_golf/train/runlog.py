@@ -7,8 +7,9 @@ import math
 import platform
 import subprocess
 import sys
+from contextlib import suppress
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 import numpy as np
 import torch
@@ -69,14 +70,12 @@ class RunLog:
         """One line to the screen (above the bar) and to train.log."""
         if self.enabled:
             (self.bar.write if self.bar and self.echo is print else self.echo)(message)
-            self.text.write(message + "\n")
-            self.text.flush()
+            append(self.text, message + "\n")
 
     def record(self, **metrics) -> None:
         """One record to metrics.jsonl."""
         if self.enabled:
-            self.metrics.write(json.dumps(metrics) + "\n")
-            self.metrics.flush()
+            append(self.metrics, json.dumps(metrics) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
         """On resume: drop records past the checkpoint (a killed run may have logged beyond it)."""
@@ -105,8 +104,19 @@ class RunLog:
         if self.bar:
             self.bar.close()
         if self.enabled and not self.text.closed:
-            self.text.close()
-            self.metrics.close()
+            with suppress(OSError):  # every write was flushed: a full disk was reported by that write
+                self.text.close()
+            with suppress(OSError):
+                self.metrics.close()
+
+
+def append(log: TextIO, text: str) -> None:
+    """Write and flush a log line; a failing write (a full disk) names the log file."""
+    try:
+        log.write(text)
+        log.flush()
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, log.name) from None
 
 
 def peak_flops(device: torch.device) -> float | None:
