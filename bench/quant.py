@@ -60,7 +60,7 @@ def synthetic_model(seed: int = 0) -> Transformer:
     return model.eval()
 
 
-def roundtrip_model(model: MDLM, qtensors: list[QuantTensor]) -> MDLM:
+def roundtrip_model(model: Transformer, qtensors: list[QuantTensor]) -> Transformer:
     """A copy of the model carrying the dequantized weights (what the artifact loads as)."""
     copy = Transformer(model.cfg)
     copy.load_state_dict(dequantize_state_dict(qtensors))

@@ -1,6 +1,6 @@
 """`python -m mdlm_golf`: the mdlm-golf command line."""
 import sys
 
-from .console import main
+from .console import run
 
-sys.exit(main())
+sys.exit(run())

@@ -4,6 +4,7 @@ traceback, a RecursionError or an abort instead of one line (`mdlm-golf CMD: int
 `terminated (SIGTERM)`, exit 143)."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -33,8 +34,28 @@ def import_cli_main(argv: list[str]):
     return main, None
 
 
+def exit_on_late_signal(argv: list[str]) -> None:
+    """After the command: a Ctrl-C or SIGTERM while the interpreter shuts down (torch's exit hooks) ends
+    the process with its one line and status, instead of a traceback from inside a hook."""
+    def handle(signum, frame) -> None:
+        print(f"{command_name(argv)}: {'terminated (SIGTERM)' if signum == signal.SIGTERM else 'interrupted'}",
+              file=sys.stderr, flush=True)
+        os._exit(143 if signum == signal.SIGTERM else 130)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one mdlm-golf command; exit 130 (143) if interrupted (terminated) while starting up."""
     argv = sys.argv[1:] if argv is None else argv
     cli_main, status = import_cli_main(argv)
     return status if cli_main is None else cli_main(argv)
+
+
+def run() -> int:
+    """The process entry point (`mdlm-golf`, `python -m mdlm_golf`): main, then late signals end the
+    process in one line while it shuts down (set only here: they would outlive an in-process call)."""
+    status = main()
+    exit_on_late_signal(sys.argv[1:])
+    return status
