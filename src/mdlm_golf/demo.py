@@ -13,7 +13,7 @@ from typing import Iterator
 from .checkpoint import load_model, run_checkpoint
 from .config import build_config
 from .data import load_tokenizer, prepare, read_manifest
-from .files import atomic_path, write_text_atomic
+from .files import write_png, write_text_atomic
 from .sampling import decode_rows, generate
 from .train import train
 
@@ -83,9 +83,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> None:
         ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], marker=".", lw=1.2)
         ax.set(xlabel="step", ylabel="training loss (nats per scored token)", title="mdlm-golf demo")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        with atomic_path(png_path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+        write_png(fig, png_path, dpi=100)
     finally:
         plt.close(fig)
 

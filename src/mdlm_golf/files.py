@@ -112,6 +112,13 @@ def check_output(path: Path, overwrite: bool, reads: list[Path] = ()) -> None:
         raise FileExistsError(errno.EEXIST, "exists; pass --overwrite to replace it", str(path))
 
 
+def write_png(fig, path: Path, dpi: int) -> None:
+    """A matplotlib figure, laid out tight, to a PNG file written atomically."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -24,7 +24,7 @@ from ..checkpoint import load_model, run_checkpoint
 from ..config import Config, field_types, parse_value, with_defaults
 from ..data import ByteTable, load_split, load_tokenizer
 from ..eval import evaluate, headline
-from ..files import atomic_path, read_json_object, write_text_atomic
+from ..files import read_json_object, write_png, write_text_atomic
 from ..dist import pick_device
 from ..train import CHECKPOINT_NAME, RunInterrupted, train
 
@@ -314,8 +314,6 @@ def plot(result: dict, path: Path) -> None:
         ax.title.set_fontsize(10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
+        write_png(fig, path, dpi=120)
     finally:
         plt.close(fig)

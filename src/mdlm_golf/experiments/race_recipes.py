@@ -30,7 +30,7 @@ import torch
 from .ablation import EVAL_SEED, Run, check_reusable, run_record, train_and_score
 from ..config import BEST_RECIPE, Config, field_types, parse_value
 from ..data import ByteTable, load_split, load_tokenizer
-from ..files import atomic_path, write_text_atomic
+from ..files import write_png, write_text_atomic
 from ..model import Transformer
 
 # The standard field: today's recipe, the AR yardsticks, each lever alone on top of today's recipe, and
@@ -270,8 +270,6 @@ def plot(result: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"race at equal {result['equal']}", fontsize=10)
-        fig.tight_layout()
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
+        write_png(fig, path, dpi=110)
     finally:
         plt.close(fig)
