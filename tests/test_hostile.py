@@ -23,7 +23,8 @@ from mdlm_golf.checkpoint import read_checkpoint, save_checkpoint
 from mdlm_golf.cli import main
 from mdlm_golf.coder import Header
 from mdlm_golf.config import build_config
-from mdlm_golf.model import Transformer
+from mdlm_golf.experiments.race_recipes import flops_per_token
+from mdlm_golf.model import Transformer, parameter_shapes
 
 TIMEOUT = 240
 
@@ -153,6 +154,17 @@ def test_a_checkpoint_whose_config_claims_a_huge_model(run, tmp_path, capsys):
     assert main(["sample", "--run", str(tmp_path), "--num", "1", "--length", "8", "--tokenizer", "x"]) == 2
     line = one_line(capsys)
     assert "weights do not match its config" in line and str(path) in line
+
+
+@pytest.mark.parametrize("kind", [dict(), dict(block_size=2), dict(block_size=2, decoder_layers=1),
+                                  dict(block_size=2, decoder_layers=1, decoder_tied=True),
+                                  dict(subtokens=2, subtoken_merge="concat"), dict(objective="ar")])
+def test_the_shape_check_builds_every_model_kind_on_the_meta_device(kind):
+    """The check that runs before any weights load (and the race's FLOP count) must work for every kind."""
+    cfg = build_config("tiny", environ={}, overrides=kind)
+    real = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
+    assert parameter_shapes(cfg) == real
+    assert flops_per_token(cfg) == Transformer(cfg).flops_per_token()
 
 
 # ---------------------------------------------------------------- signals in a race

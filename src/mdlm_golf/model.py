@@ -148,7 +148,9 @@ class DigitEmbedding(nn.Module):
         width = cfg.model_dim // code.digits if self.merge == "concat" else cfg.model_dim
         self.table = nn.Embedding(self.slots, width)
         self.mix = nn.Linear(code.digits * width, cfg.model_dim, bias=False) if self.merge == "concat" else None
-        offsets = torch.arange(code.digits) * (code.base + 1)
+        # The code's tables live on the CPU; built on the same device so that a model built under
+        # torch.device("meta") (shape checks, FLOP counts) adds like to like.
+        offsets = torch.arange(code.digits, device=code.state_digits.device) * (code.base + 1)
         self.register_buffer("rows", code.state_digits + offsets, persistent=False)  # [num ids, l]
 
     def forward(self, ids: torch.Tensor, token_embed: nn.Embedding) -> torch.Tensor:
