@@ -98,5 +98,7 @@ class DigitCode:
 
 @lru_cache(maxsize=8)
 def digit_code(vocab_size: int, digits: int) -> DigitCode:
-    """The (cached, immutable) digit code of a vocabulary."""
-    return DigitCode(vocab_size, digits)
+    """The (cached, immutable) digit code of a vocabulary. Its tables are built on the CPU whatever the
+    caller's default device: a model built under torch.device("meta") for a shape check still needs them."""
+    with torch.device("cpu"):
+        return DigitCode(vocab_size, digits)

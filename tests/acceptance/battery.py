@@ -21,19 +21,21 @@ import torch
 # Run as a script, Python puts this folder on sys.path; the battery is the package `acceptance` of its parent.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from acceptance import (test_artifact, test_checkpoint, test_directory, test_docs, test_download,  # noqa: E402
-                        test_faults, test_flags, test_manifest, test_mdz, test_missing, test_overwrite,
-                        test_permission, test_roundtrip, test_sanity, test_shards, test_under_file)
+from acceptance import (test_artifact, test_checkpoint, test_crafted_sizes, test_directory,  # noqa: E402
+                        test_docs, test_download, test_faults, test_flags, test_full_disk, test_manifest, test_mdz,
+                        test_missing, test_overwrite, test_permission, test_race_signals, test_roundtrip,
+                        test_run_writes, test_sanity, test_shards, test_sigterm, test_text, test_under_file)
 from acceptance.runner import (Case, Ctx, Outcome, SetupError, build_base, failed, new_ctx, report,  # noqa: E402
                                results_json, run_case)
 
 # the categories in the table's order
-FACTORIES = (test_sanity.sanity_cases, test_flags.flag_cases, test_missing.missing_cases,
+FACTORIES = (test_sanity.sanity_cases, test_flags.flag_cases, test_text.text_cases, test_missing.missing_cases,
              test_directory.directory_cases, test_under_file.under_file_cases, test_permission.permission_cases,
-             test_shards.shard_cases, test_manifest.manifest_cases, test_docs.docs_cases,
-             test_checkpoint.checkpoint_cases, test_artifact.artifact_cases, test_mdz.mdz_cases,
-             test_overwrite.overwrite_cases, test_faults.fault_cases, test_download.download_cases,
-             test_roundtrip.roundtrip_cases)
+             test_full_disk.full_disk_cases, test_shards.shard_cases, test_manifest.manifest_cases,
+             test_docs.docs_cases, test_checkpoint.checkpoint_cases, test_artifact.artifact_cases,
+             test_mdz.mdz_cases, test_crafted_sizes.crafted_size_cases, test_overwrite.overwrite_cases,
+             test_run_writes.run_write_cases, test_faults.fault_cases, test_sigterm.sigterm_cases,
+             test_race_signals.race_signal_cases, test_download.download_cases, test_roundtrip.roundtrip_cases)
 
 
 def parse_args() -> argparse.Namespace:

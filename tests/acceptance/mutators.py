@@ -1,9 +1,11 @@
 """The battery's file mutators: setups that build a case's inputs in its folder (copies of the shared
 inputs, then bits flipped, files cut, headers, checkpoints, artifacts and manifests rewritten) and the
-checks an OK case runs afterwards. The file formats are written out here from their modules' docs, so
-the battery trusts none of the package's code to make its hostile inputs."""
+checks a case runs afterwards. The file formats are written out here from their modules' docs, so the
+battery trusts none of the package's code to make its hostile inputs; the one exception is the .mdz header,
+re-encoded by the package's own Header (its varints and CRC) so that a crafted field reaches the decoder."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from mdlm_golf.coder.container import Header
 
 if TYPE_CHECKING:  # runner imports this module; the context is only named in annotations here
     from .runner import Ctx
@@ -57,6 +61,28 @@ def copy(name: str, as_name: str | None = None) -> Setup:
     return run
 
 
+def copy_file(src: Path, rel: str) -> Setup:
+    """A copy of a repository file (a fixture) in the case folder."""
+    def run(ctx: Ctx, c: Path) -> None:
+        shutil.copy(src, c / rel)
+    return run
+
+
+def copy_built(name: str, as_name: str) -> Setup:
+    """A copy of an input only some cases need (Ctx.built builds it on first use) in the case folder."""
+    def run(ctx: Ctx, c: Path) -> None:
+        src = ctx.built(name)
+        shutil.copytree(src, c / as_name) if src.is_dir() else shutil.copy(src, c / as_name)
+    return run
+
+
+def needs(name: str) -> Setup:
+    """Build an input only some cases need before the case runs (its argv names it as {X}/NAME)."""
+    def run(ctx: Ctx, c: Path) -> None:
+        ctx.built(name)
+    return run
+
+
 def edit(rel: str, fn: Callable[[bytes], bytes]) -> Setup:
     """Rewrite a file of the case folder through fn."""
     def run(ctx: Ctx, c: Path) -> None:
@@ -86,6 +112,11 @@ def unlink(rel: str) -> Setup:
     return lambda ctx, c: (c / rel).unlink()
 
 
+def move(rel: str, to: str) -> Setup:
+    """Rename a file of the case folder."""
+    return lambda ctx, c: (c / rel).rename(c / to)
+
+
 def to_dir(rel: str) -> Setup:
     """Replace a file of the case folder by a folder of the same name."""
     def run(ctx: Ctx, c: Path) -> None:
@@ -93,6 +124,11 @@ def to_dir(rel: str) -> Setup:
         (c / rel).mkdir()
         (c / rel / "inside.txt").write_text("a folder where a file belongs\n")
     return run
+
+
+def symlink(rel: str, target: str) -> Setup:
+    """A symbolic link at rel pointing to target (relative to the link's folder)."""
+    return lambda ctx, c: (c / rel).symlink_to(target)
 
 
 def chmod(rel: str, mode: int) -> Setup:
@@ -113,12 +149,18 @@ def shards(split: str, fn: Callable[[bytes], bytes], every: bool = False) -> Set
     return run
 
 
-def header_word(word: int, value: int) -> Callable[[bytes], bytes]:
+def packed(offset: int, fmt: str, value: int) -> Callable[[bytes], bytes]:
+    """`value` written as the struct format `fmt` at offset (a header field rewritten)."""
     def fn(data: bytes) -> bytes:
         out = bytearray(data)
-        struct.pack_into("<i", out, 4 * word, value)
+        struct.pack_into(fmt, out, offset, value)
         return bytes(out)
     return fn
+
+
+def header_word(word: int, value: int) -> Callable[[bytes], bytes]:
+    """A shard header's int32 word rewritten."""
+    return packed(4 * word, "<i", value)
 
 
 def count_delta(delta: int) -> Callable[[bytes], bytes]:
@@ -139,6 +181,14 @@ def token_at(position: int, value: int) -> Callable[[bytes], bytes]:
 
 def no_tokens(data: bytes) -> bytes:
     return header_word(2, 0)(data[:SHARD_HEADER_BYTES])
+
+
+def mdz_header(**changes) -> Callable[[bytes], bytes]:
+    """An .mdz whose header says otherwise (num_tokens=2**44, ...), re-encoded with its CRC recomputed."""
+    def fn(data: bytes) -> bytes:
+        header, rest = Header.decode(data)
+        return dataclasses.replace(header, **changes).encode() + rest
+    return fn
 
 
 def rewrite_json(folder: str, name: str, fn: Callable[[dict], str]) -> Setup:
@@ -255,6 +305,14 @@ def meta_config(**changes) -> Callable[[dict], bytes]:
     return lambda meta: json.dumps({**meta, "config": {**meta["config"], **changes}}).encode()
 
 
+def meta_tensor(**changes) -> Callable[[dict], bytes]:
+    """The tensor table's first entry says otherwise (its shape, its stored rows)."""
+    def fn(meta: dict) -> bytes:
+        first, *rest = meta["tensors"]
+        return json.dumps({**meta, "tensors": [{**first, **changes}, *rest]}).encode()
+    return fn
+
+
 def stale_temp(rel: str, pid_of: str) -> Setup:
     """A temporary like an atomic writer leaves: `.NAME.tmpPID`, PID dead (a killed writer) or live (ours)."""
     def run(ctx: Ctx, c: Path) -> None:
@@ -302,6 +360,35 @@ def model_at(rel: str, step: int) -> Check:
 def exists(*rels: str) -> Check:
     def check(ctx: Ctx, c: Path) -> list[str]:
         return [f"{rel} missing" for rel in rels if not (c / rel).exists()]
+    return check
+
+
+def same_as(rel: str, name: str) -> Check:
+    """The file the command wrote at `rel` holds exactly the shared input `name`'s bytes."""
+    def check(ctx: Ctx, c: Path) -> list[str]:
+        same = (c / rel).is_file() and (c / rel).read_bytes() == ctx.path(name).read_bytes()
+        return [] if same else [f"{rel} does not hold {name}'s bytes"]
+    return check
+
+
+def no_temp_anywhere(ctx: Ctx, c: Path) -> list[str]:
+    """No atomic writer's temporary (`.NAME.tmpPID`, file or folder) left anywhere in the case folder."""
+    left = sorted(str(p.relative_to(c)) for p in c.rglob(".*.tmp*"))
+    return [f"temporaries left: {left[:3]}"] if left else []
+
+
+def json_field(rel: str, key: str, value: object) -> Check:
+    """The JSON object the command wrote at `rel` holds `key` = `value`."""
+    def check(ctx: Ctx, c: Path) -> list[str]:
+        got = json.loads((c / rel).read_text(encoding="utf-8")).get(key)
+        return [] if got == value else [f"{rel}: {key} is {got!r}, expected {value!r}"]
+    return check
+
+
+def absent(*rels: str) -> Check:
+    """None of these paths exists (a record folder or manifest a stopped command must not leave)."""
+    def check(ctx: Ctx, c: Path) -> list[str]:
+        return [f"{rel} written" for rel in rels if (c / rel).exists()]
     return check
 
 

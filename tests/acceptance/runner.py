@@ -9,12 +9,13 @@ checkpoint, a second run, exported artifacts, a compressed .mdz), then runs each
 leaves the machine) in its own folder, one at a time, and judges it:
 
   traceback            "Traceback" on stderr or stdout: always a failure.
-  exit                 the exit code the expectation names (2 for a refusal, 0, 130 for Ctrl-C).
+  exit                 the exit code the expectation names (2 for a refusal, 0, 130 for Ctrl-C, 143
+                       for SIGTERM).
   one_line             a refusal prints exactly one non-empty line on stderr,
                        `mdlm-golf CMD: error: ...` (argparse's own errors: `mdlm-golf CMD: error:
                        argument ...`), and that line names the file or field at fault (the case's
-                       `names`). Cases marked `preamble` (Ctrl-C, which first prints "stopping ...")
-                       only need the LAST stderr line to be that line.
+                       `names`; several texts: each of them). Cases marked `preamble` (Ctrl-C, which
+                       first prints "stopping ...") only need the LAST stderr line to be that line.
   data_lost            a file that existed in the case folder (or anywhere in the shared inputs)
                        before the case changed or vanished, outside the paths the case declares
                        `mutable` (a resumed run's own files). Checked for every case.
@@ -26,13 +27,25 @@ leaves the machine) in its own folder, one at a time, and judges it:
                        weights_only=False in a throwaway process.
 
 Expectations: "refuse" = exit 2 with the one-line rule above; "ok" = exit 0 (plus the case's own
-checks: a file exists, a model is at a step, a temporary is gone); "refuse-or-exact" (corrupted .mdz);
+checks, which run once the command did what was expected, a refusal too: a file exists, a model is at a
+step, a temporary is gone); "refuse-or-exact" (corrupted .mdz);
 "clean" = exit 0 or 2, either being legitimate (e.g. --num-seqs beyond the split), but never a
-traceback; "exit-130" = `mdlm-golf CMD: interrupted` and exit 130. As the README says, a FIRST Ctrl-C
+traceback; "exit-130" = `mdlm-golf CMD: interrupted` and exit 130; "exit-143" = `mdlm-golf CMD: terminated
+(SIGTERM)` and exit 143; "run-exit-130" / "run-exit-143" = a race's or an ablation's run stopped by SIGINT /
+SIGTERM: `mdlm-golf CMD: interrupted: SIGxxx received; RUN/checkpoint.pt ...` and exit 130 / 143 (one line
+unless `preamble`, naming the case's `names`). As the README says, a FIRST Ctrl-C
 (or SIGTERM) to train is a clean stop: exit 0 with RUN/checkpoint.pt and no model.pt, which --resume
 then carries to the end; a second Ctrl-C aborts with 130. "roundtrip" cases run compress then
 decompress and need the exact input bytes back (held-out documents are taken from the end of
 ../shared/data/docs_selected.jsonl, past the fixture's first 1,187, when it exists).
+
+Signal cases ("signal" runner) start the command, wait for its moment (a run's metrics.jsonl growing, or
+some CPU seconds of work), send the signal and judge the exit; "after" plans may bound how long the command
+takes to end once signalled, and "rerun" plans run the same race or ablation again, which must resume the
+stopped run and finish. Full-disk cases (`disk_free`) run on a small tmpfs mounted at {C}/disk and filled
+but for that many bytes (skipped, with the reason, where mounting fails: it needs root on Linux).
+Crafted-size cases run under an address-space limit (`memory`) and a time limit (`within`): a size read
+from a file must be checked before anything is allocated for it.
 
 Cases are data (Case records built by small factories); corruption offsets come from a seeded
 generator, so two runs try the same bytes. Permission cases are skipped (and counted) as root, who
@@ -40,26 +53,33 @@ ignores file modes.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import http.server
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mdlm_golf.config import field_types  # only to strip config env vars (STEPS=...) from the environment
+# the package is used only to build inputs a case needs and cannot otherwise make (a model much larger than
+# the tiny runs), and to strip config env vars (STEPS=...) from the environment
+from mdlm_golf.checkpoint import save_checkpoint
+from mdlm_golf.config import build_config, field_types
+from mdlm_golf.model import Transformer
 
 from .mutators import Check, RunsCode, Setup, step_of
 
@@ -73,10 +93,23 @@ TIMEOUT = 300  # seconds for any one subprocess
 TINY = ("--preset", "tiny", "--log-every", "1")
 
 REFUSE, OK, EXACT, CLEAN, INTERRUPTED = "refuse", "ok", "refuse-or-exact", "clean", "exit-130"
+TERMINATED, RUN_INTERRUPTED, RUN_TERMINATED = "exit-143", "run-exit-130", "run-exit-143"
 ERROR_LINE = re.compile(r"^mdlm-golf(?: [a-z]+)?: error: .+$")
 INTERRUPT_LINE = re.compile(r"^mdlm-golf [a-z]+: interrupted$")
+# what a signalled command must end with: (exit status, its last stderr line, that line as the report says it)
+SIGNALLED: dict[str, tuple[int, re.Pattern, str]] = {
+    INTERRUPTED: (130, INTERRUPT_LINE, "`mdlm-golf CMD: interrupted`"),
+    TERMINATED: (143, re.compile(r"^mdlm-golf [a-z]+: terminated \(SIGTERM\)$"),
+                 "`mdlm-golf CMD: terminated (SIGTERM)`"),
+    RUN_INTERRUPTED: (130, re.compile(r"^mdlm-golf [a-z]+: interrupted: SIGINT received; .+/checkpoint\.pt"),
+                      "`mdlm-golf CMD: interrupted: SIGINT received; RUN/checkpoint.pt ...`"),
+    RUN_TERMINATED: (143, re.compile(r"^mdlm-golf [a-z]+: interrupted: SIGTERM received; .+/checkpoint\.pt"),
+                     "`mdlm-golf CMD: interrupted: SIGTERM received; RUN/checkpoint.pt ...`"),
+}
 HEADER_BYTES_RE = re.compile(r"header (\d+) bytes")
 AS_ROOT = "running as root: root ignores file modes"
+SUMMARY_NAME = "train_summary.json"  # a race's or an ablation's finished run has one; a stopped run none
+DISK, DISK_SIZE, FILLER = "disk", "16m", "filler"  # a full-disk case's tmpfs ({C}/disk), its size, what fills it
 
 
 # ---------------------------------------------------------------- inputs every case can use
@@ -95,13 +128,23 @@ class Ctx:
     def path(self, name: str) -> Path:
         return self.base / name
 
+    def built(self, name: str) -> Path:
+        """An input only some cases need (BUILDERS), built under work/built on first use: beside the base
+        rather than in it, so the other cases neither wait for it nor hash it."""
+        path = self.work / "built" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            BUILDERS[name](self, path)
+        return path
+
     def places(self, case_dir: Path) -> dict[str, str]:
-        """What {X} stands for in a case's argv and names."""
+        """What each {PLACE} stands for in a case's argv and names ({X}: the inputs Ctx.built makes)."""
         b = self.base
         return {"{D}": str(b / "D"), "{R}": str(b / "R"), "{R2}": str(b / "R2"), "{A}": str(b / "A.bin"),
                 "{AZ}": str(b / "AZ.bin"), "{T}": str(TOKENIZER), "{T2}": str(b / "D2" / "tokenizer.model"),
                 "{DOCS}": str(b / "docs.jsonl"), "{M}": str(b / "text.mdz"), "{TXT}": str(b / "text.txt"),
-                "{C}": str(case_dir), "{HTTP}": f"http://127.0.0.1:{self.http_port}"}
+                "{C}": str(case_dir), "{HTTP}": f"http://127.0.0.1:{self.http_port}",
+                "{X}": str(self.work / "built")}
 
 
 @dataclass(frozen=True)
@@ -111,7 +154,7 @@ class Case:
     name: str
     argv: tuple[str, ...]
     expect: str = REFUSE
-    names: str = ""  # text the error line must contain ({C}, {D}, ... allowed)
+    names: str | tuple[str, ...] = ""  # text (each text) the error line must contain ({C}, {D}, ... allowed)
     setup: Setup | None = None
     corrupt: bool = False  # a damaged input: exit 0 is corruption accepted
     marker: bool = False  # a code-running pickle: {C}/PWNED must not appear
@@ -121,10 +164,14 @@ class Case:
     env: tuple[tuple[str, str], ...] = ()
     nonroot: bool = False  # needs file permissions to mean something
     output: str = ""  # for EXACT: the file the command writes, compared with the original text
-    check: Check | None = None  # further checks after an OK command
+    check: Check | None = None  # further checks once the command did what was expected
     runner: str = "cli"  # cli | roundtrip | signal
     data: bytes = b""  # round-trip input
-    signal_plan: tuple = ()  # (kind, ...) for runner == "signal"
+    signal_plan: tuple = ()  # (kind, signal, ...) for runner == "signal" (run_signal)
+    watch: str = "R"  # the run folder (in the case folder) a signal case watches and checks
+    disk_free: int | None = None  # bytes left free on a tmpfs at {C}/disk once the setup ran (None: no tmpfs)
+    memory: int = 0  # the command's address-space limit in bytes (0: none)
+    within: float = 0  # the most seconds the command may take (0: the battery's TIMEOUT)
 
 
 @dataclass
@@ -203,13 +250,21 @@ class Result:
     seconds: float
 
 
+def memory_limit(limit: int) -> Callable[[], None] | None:
+    """A preexec_fn capping the child's address space at `limit` bytes (None for no cap): an allocation
+    sized by a crafted file then fails at once instead of swapping the machine."""
+    if not limit:
+        return None
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def run_cli(ctx: Ctx, argv: list[str], cwd: Path, env: dict[str, str] | None = None,
-            timeout: float = TIMEOUT) -> Result:
+            timeout: float = TIMEOUT, memory: int = 0) -> Result:
     """One mdlm-golf subprocess, output captured; a hang is killed and reported as exit None."""
     began = time.monotonic()
     try:
         p = subprocess.run(ctx.command + argv, cwd=cwd, env=env or ctx.env, capture_output=True,
-                           timeout=timeout, stdin=subprocess.DEVNULL)
+                           timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=memory_limit(memory))
         code, out, err = p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
         code, out, err = None, e.stdout or b"", (e.stderr or b"") + b"\n[hostile: killed after timeout]"
@@ -221,6 +276,11 @@ def fill(text: str, places: dict[str, str]) -> str:
     for key, value in places.items():
         text = text.replace(key, value)
     return text
+
+
+def shown(arg: str) -> str:
+    """An argument as the report prints it: bytes that are not UTF-8 (a hostile --prompt) as \\x escapes."""
+    return os.fsencode(arg).decode("utf-8", "backslashreplace")
 
 
 def new_ctx(work: Path) -> Ctx:
@@ -341,6 +401,49 @@ def prove_payload_live(ctx: Ctx) -> None:
     shutil.rmtree(probe_dir)
 
 
+# ---------------------------------------------------------------- inputs only some cases need (Ctx.built)
+
+# a finished race and a finished ablation: the cases rerun these very commands (same flags, so the same
+# configs) over a copy with one of its run's files damaged
+FINISHED_RACE = ("race", "--recipes", "today", "--seeds", "1", "--data", "{D}", *TINY, "--steps", "2",
+                 "--eval-num-seqs", "2", "--elbo-steps", "2")
+FINISHED_ABLATION = ("ablate", "--param", "lr", "--values", "1e-3", "--seeds", "1", "--data", "{D}", *TINY,
+                     "--steps", "2", "--eval-num-seqs", "2", "--elbo-steps", "2")
+LONG_TEXT_BYTES = 30_000  # the long .mdz's text: some seconds to decode with the tiny model
+
+
+def build_big(ctx: Ctx, path: Path) -> None:
+    """A run folder whose model.pt is ~23M parameters (8 layers, width 512; the head drawn normal(0.02), so
+    its weights do not compress to nothing): export, compress and eval spend long stretches in C on it."""
+    cfg = build_config("tiny", environ={}, overrides=dict(num_layers=8, model_dim=512, num_heads=8, seq_len=256))
+    torch.manual_seed(SEED)
+    model = Transformer(cfg)
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    path.mkdir()
+    save_checkpoint(path / "model.pt", model, cfg)
+
+
+def build_with_cli(argv: tuple[str, ...]) -> Callable[[Ctx, Path], None]:
+    """A builder that runs an mdlm-golf command writing `--out path`."""
+    def build(ctx: Ctx, path: Path) -> None:
+        places = ctx.places(path.parent)
+        must(run_cli(ctx, [fill(a, places) for a in argv] + ["--out", str(path)], path.parent), argv[0])
+    return build
+
+
+def build_long_mdz(ctx: Ctx, path: Path) -> None:
+    """A folder holding long.txt (the first LONG_TEXT_BYTES of the docs) and long.mdz, compressed by R."""
+    path.mkdir()
+    (path / "long.txt").write_bytes(ctx.path("docs.jsonl").read_bytes()[:LONG_TEXT_BYTES])
+    must(run_cli(ctx, ["compress", "--run", str(ctx.path("R")), str(path / "long.txt"), str(path / "long.mdz")],
+                 path), "compress (long)")
+
+
+BUILDERS: dict[str, Callable[[Ctx, Path], None]] = {
+    "big": build_big, "race": build_with_cli(FINISHED_RACE), "ablation": build_with_cli(FINISHED_ABLATION),
+    "long": build_long_mdz}
+
+
 # ---------------------------------------------------------------- a local HTTP server that is not a Hub
 
 class NotAHub(http.server.BaseHTTPRequestHandler):
@@ -391,20 +494,27 @@ def lost_files(before: dict[str, str], after: dict[str, str], mutable: tuple[str
 
 
 def run_signal(ctx: Ctx, case: Case, c: Path, argv: list[str], env: dict[str, str]) -> tuple[Result, list[str]]:
-    """Start a long train, signal it as planned, then check the checkpoint and resume from it."""
-    kind, sig = case.signal_plan
-    run, problems = c / "R", []
+    """Start a long command, signal it as its plan says, then check what it left (a train resumed from its
+    checkpoint, a race or an ablation rerun). Plans, (kind, signal, ...):
+      startup             0.4 s after the start, while the command imports
+      once, twice, kill   a train, once R/metrics.jsonl has 3 lines (kill: 8, and a checkpoint); twice: two
+                          signals 50 ms apart
+      after, CPU, LATENCY once the command has spent CPU seconds (past its start-up, into its work); it must
+                          end within LATENCY seconds of the signal (0: no bound)
+      rerun               a race or an ablation, once WATCH/metrics.jsonl has 3 lines; then the same command
+                          again, which must resume that run and finish"""
+    kind, sig = case.signal_plan[:2]
+    problems: list[str] = []
     out, err = open(c / "stdout.txt", "wb"), open(c / "stderr.txt", "wb")
     began = time.monotonic()
     proc = subprocess.Popen(ctx.command + argv, cwd=c, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    signalled = None
     try:
-        if kind == "startup":
-            time.sleep(0.4)
-        elif not wait_for(proc, lambda: lines(run / "metrics.jsonl") >= (8 if kind == "kill" else 3)
-                          and (kind != "kill" or (run / "checkpoint.pt").is_file())):
-            problems.append(f"train exited (code {proc.returncode}) or stalled before the signal")
+        if not wait_to_signal(proc, case, c / case.watch):
+            problems.append(f"the command exited (code {proc.returncode}) or stalled before the signal")
         if proc.poll() is None:
             proc.send_signal(sig)
+            signalled = time.monotonic()
             if kind == "twice":
                 time.sleep(0.05)
                 proc.send_signal(sig)
@@ -416,13 +526,43 @@ def run_signal(ctx: Ctx, case: Case, c: Path, argv: list[str], env: dict[str, st
     finally:
         out.close()
         err.close()
+    ended = time.monotonic()
     text = lambda name: (c / name).read_text("utf-8", "replace")  # noqa: E731
-    res = Result(code, text("stdout.txt"), text("stderr.txt"), time.monotonic() - began)
+    res = Result(code, text("stdout.txt"), text("stderr.txt"), ended - began)
+    latency = case.signal_plan[3] if kind == "after" else 0
+    if latency and signalled is not None and ended - signalled > latency:
+        problems.append(f"ended {ended - signalled:.1f} s after the signal, more than {latency} s")
     if kind in ("once", "kill") and not problems:
         problems += resume_after_signal(ctx, case, c, res, env)
         if kind == "kill":  # the case's verdict is the resume's
             res = Result(0 if not problems else 1, res.stdout, "", res.seconds)
+    if kind == "rerun" and not problems:
+        problems += rerun_after_signal(ctx, case, c, argv, env)
     return res, problems
+
+
+def wait_to_signal(proc: subprocess.Popen, case: Case, run: Path) -> bool:
+    """Wait for the moment the case's plan signals at; False if the command ended or stalled first."""
+    kind = case.signal_plan[0]
+    if kind == "startup":
+        time.sleep(0.4)
+        return True
+    if kind == "after":
+        began = time.monotonic()
+        return wait_for(proc, lambda: cpu_seconds(proc.pid, began) >= case.signal_plan[2])
+    need = 8 if kind == "kill" else 3
+    return wait_for(proc, lambda: lines(run / "metrics.jsonl") >= need
+                    and (kind != "kill" or (run / "checkpoint.pt").is_file()))
+
+
+def cpu_seconds(pid: int, began: float) -> float:
+    """The CPU seconds a process has spent (Linux /proc; elsewhere the wall seconds since `began`): on a
+    machine busy with other work, CPU time says how far a command got better than the clock does."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return time.monotonic() - began
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in clock ticks
 
 
 def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], timeout: float = 180) -> bool:
@@ -443,7 +583,7 @@ def lines(path: Path) -> int:
 
 def resume_after_signal(ctx: Ctx, case: Case, c: Path, res: Result, env: dict[str, str]) -> list[str]:
     """A signalled run leaves a checkpoint (no model.pt) that --resume carries to the end."""
-    run, kind = c / "R", case.signal_plan[0]
+    run, kind = c / case.watch, case.signal_plan[0]
     ckpt = run / "checkpoint.pt"
     if not ckpt.is_file():
         return ["no checkpoint.pt after the signal"]
@@ -460,6 +600,23 @@ def resume_after_signal(ctx: Ctx, case: Case, c: Path, res: Result, env: dict[st
     elif step_of(run / "model.pt") != saved + 2:
         problems.append("resumed model.pt is not at the asked step")
     return problems
+
+
+def rerun_after_signal(ctx: Ctx, case: Case, c: Path, argv: list[str], env: dict[str, str]) -> list[str]:
+    """A race's or an ablation's run a signal stopped keeps its checkpoint and gets no summary; the same
+    command again resumes that run ("resumed from" in its train.log) and finishes."""
+    run = c / case.watch
+    left = {"checkpoint.pt": True, SUMMARY_NAME: False}
+    problems = [f"{case.watch}/{name} {'missing' if wanted else 'written'} after the signal"
+                for name, wanted in left.items() if (run / name).is_file() != wanted]
+    if problems:
+        return problems
+    again = run_cli(ctx, argv, c, env)
+    if again.code != 0 or "Traceback" in again.stderr:
+        return [f"the rerun exited {again.code}: {tail(again.stderr)}"]
+    if "resumed from" not in (run / "train.log").read_text(errors="replace"):
+        return [f"the rerun did not resume {case.watch} (no 'resumed from' in its train.log)"]
+    return [] if (run / SUMMARY_NAME).is_file() else [f"the rerun finished without {case.watch}/{SUMMARY_NAME}"]
 
 
 def run_roundtrip(ctx: Ctx, case: Case, c: Path, env: dict[str, str]) -> tuple[Result, list[str]]:
@@ -499,6 +656,8 @@ def judge(ctx: Ctx, case: Case, c: Path, res: Result, out: Outcome) -> None:
         return
     if res.code < 0:
         out.problems.append(f"killed by signal {-res.code}")
+    if case.within and res.seconds > case.within:
+        out.problems.append(f"took {res.seconds:.1f} s, more than {case.within:g} s")
     refused = res.code == 2 and case.expect in (REFUSE, EXACT, CLEAN)
     if case.expect == OK and res.code != 0:
         out.problems.append(f"exit {res.code}, expected 0")
@@ -508,10 +667,10 @@ def judge(ctx: Ctx, case: Case, c: Path, res: Result, out: Outcome) -> None:
         out.problems.append(f"exit {res.code}, expected 2 (refuse) or 0 with the original bytes")
     elif case.expect == CLEAN and res.code not in (0, 2):
         out.problems.append(f"exit {res.code}, expected 0 or 2")
-    elif case.expect == INTERRUPTED and (res.code != 130 or not INTERRUPT_LINE.match(last)):
-        out.problems.append(f"exit {res.code} / last line {last!r}, expected 130 and `mdlm-golf CMD: interrupted`")
+    elif case.expect in SIGNALLED:
+        judge_signalled(case, res.code, err_lines, last, places, out)
     if refused:
-        judge_refusal(case, c, err_lines, last, places, out)
+        judge_refusal(case, err_lines, last, places, out)
     if case.expect == EXACT and res.code == 0:
         produced = (c / case.output).read_bytes() if (c / case.output).is_file() else None
         if produced != ctx.path("text.txt").read_bytes():
@@ -522,17 +681,33 @@ def judge(ctx: Ctx, case: Case, c: Path, res: Result, out: Outcome) -> None:
         out.problems.append("corrupted input accepted (exit 0)")
 
 
-def judge_refusal(case: Case, c: Path, err_lines: list[str], last: str, places: dict[str, str],
-                  out: Outcome) -> None:
+def judge_refusal(case: Case, err_lines: list[str], last: str, places: dict[str, str], out: Outcome) -> None:
     """A refusal: one line `mdlm-golf CMD: error: ...` naming what is wrong."""
     if not ERROR_LINE.match(last):
         out.problems.append(f"last stderr line is not `mdlm-golf CMD: error: ...`: {last!r}")
     elif len(err_lines) != 1 and not case.preamble:
         out.problems.append(f"{len(err_lines)} lines on stderr, expected one")
-    names = fill(case.names, places)
-    if names and names not in last:
-        out.named = False
-        out.problems.append(f"the error line does not name {names!r}")
+    judge_names(case, last, places, out)
+
+
+def judge_signalled(case: Case, code: int, err_lines: list[str], last: str, places: dict[str, str],
+                    out: Outcome) -> None:
+    """A signalled command: its exit status and its one line (the last one, after a `preamble`)."""
+    status, line, said = SIGNALLED[case.expect]
+    if code != status or not line.match(last):
+        out.problems.append(f"exit {code} / last line {last!r}, expected {status} and {said}")
+    elif len(err_lines) != 1 and not case.preamble:
+        out.problems.append(f"{len(err_lines)} lines on stderr, expected one")
+    judge_names(case, last, places, out)
+
+
+def judge_names(case: Case, last: str, places: dict[str, str], out: Outcome) -> None:
+    """The line must contain each of the case's `names` (the file or field at fault, or the reason)."""
+    wanted = (case.names,) if isinstance(case.names, str) else case.names
+    for name in filter(None, (fill(n, places) for n in wanted)):
+        if name not in last:
+            out.named = False
+            out.problems.append(f"the line does not name {name!r}")
 
 
 def case_dir(ctx: Ctx, index: int) -> Path:
@@ -540,31 +715,43 @@ def case_dir(ctx: Ctx, index: int) -> Path:
 
 
 def run_case(ctx: Ctx, case: Case, index: int) -> Outcome:
-    """Set the case up in its own folder, run it, judge it, and check nothing existing was lost."""
+    """Run a case in its own folder (on its own small disk, for full-disk cases), or say why it is skipped."""
     c = case_dir(ctx, index)
     c.mkdir(parents=True)
-    places = ctx.places(c)
-    argv = [fill(a, places) for a in case.argv]
-    out = Outcome(case.category, case.name, case.expect, " ".join(["mdlm-golf", *argv]))
+    argv = [fill(a, ctx.places(c)) for a in case.argv]
+    out = Outcome(case.category, case.name, case.expect, " ".join(map(shown, ["mdlm-golf", *argv])))
     if case.nonroot and ctx.root:
         out.skipped = AS_ROOT
         return out
+    with case_disk(c / DISK, case.disk_free is not None) as unavailable:
+        if unavailable:
+            out.skipped = unavailable
+        else:
+            run_and_judge(ctx, case, c, argv, out)
+    return out
+
+
+def run_and_judge(ctx: Ctx, case: Case, c: Path, argv: list[str], out: Outcome) -> None:
+    """Set the case up, run it, judge it, and check nothing existing was lost."""
+    places = ctx.places(c)
     env = {**ctx.env, **{k: fill(v, places) for k, v in case.env}}
     if case.setup:
         case.setup(ctx, c)
         fill_literal_placeholders(c, places)
+    if case.disk_free is not None:
+        fill_disk(c / DISK, case.disk_free)
     base_before, before = snapshot(ctx.base), snapshot(c)
     if case.runner == "signal":
         res, extra = run_signal(ctx, case, c, argv, env)
     elif case.runner == "roundtrip":
         res, extra = run_roundtrip(ctx, case, c, env)
-        out.argv = f"mdlm-golf compress/decompress {' '.join(argv)} [{case.name}]"
+        out.argv = f"mdlm-golf compress/decompress {' '.join(map(shown, argv))} [{case.name}]"
     else:
-        res, extra = run_cli(ctx, argv, c, env), []
+        res, extra = run_cli(ctx, argv, c, env, memory=case.memory), []
     out.exit, out.seconds, out.stderr_tail = res.code, round(res.seconds, 2), tail(res.stderr, 4)
     judge(ctx, case, c, res, out)
     out.problems += extra
-    if case.check and res.code == 0 and not extra:
+    if case.check and not out.problems:  # further checks once the command did what was expected
         out.problems += case.check(ctx, c)
     after = snapshot(c)
     out.data_lost = lost_files(before, after, case.mutable)
@@ -578,7 +765,47 @@ def run_case(ctx: Ctx, case: Case, index: int) -> Outcome:
         if out.code_ran:
             out.problems.append("the pickle's code ran (PWNED marker written)")
     restore_permissions(c)
-    return out
+
+
+# ---------------------------------------------------------------- full-disk cases: a small tmpfs per case
+
+@contextmanager
+def case_disk(mount: Path, wanted: bool) -> Iterator[str]:
+    """A DISK_SIZE tmpfs mounted at `mount` for the block, unmounted after it; yields '' (mounted, or not
+    wanted) or why it could not be mounted (mounting needs root on Linux): the case is then skipped."""
+    if not wanted:
+        yield ""
+        return
+    mount.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "tmpfs", str(mount)],
+                              capture_output=True, text=True)
+        reason = tail(done.stderr, 1) if done.returncode else ""
+    except OSError as e:  # no mount command
+        reason = str(e)
+    if reason:
+        yield f"cannot mount a tmpfs for a full disk ({reason}): needs root on Linux"
+        return
+    try:
+        yield ""
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount)], capture_output=True)  # busy: detach it now, free later
+
+
+def fill_disk(mount: Path, free: int) -> None:
+    """Fill the tmpfs with one file, then give `free` bytes back: the command finds that much room (to a
+    page) and no more."""
+    filler = mount / FILLER
+    with open(filler, "wb", buffering=0) as f:
+        chunk = bytes(1 << 16)
+        try:
+            while f.write(chunk):
+                pass
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+    os.truncate(filler, max(0, filler.stat().st_size - free))
 
 
 def fill_literal_placeholders(c: Path, places: dict[str, str]) -> None:

@@ -36,7 +36,7 @@ def fault_cases() -> list[Slot]:
                                                                        "--num-seqs", "2", "--elbo-steps", "2"),
              expect=OK, setup=chain(copy("R"), stale_temp("R/model.pt", "dead"))),
         Case("faults", "export over an existing artifact (atomic replace)", ("export", "--run", "{R}", "--out",
-                                                                             "{C}/A.bin"),
+                                                                             "{C}/A.bin", "--overwrite"),
              expect=OK, setup=copy("A.bin"), mutable=("A.bin",), check=exists("A.bin")),
     ])
 

@@ -81,11 +81,12 @@ def other_cases() -> list[Case]:
         Case("mdz", "decoded with a run folder that has no model.pt", ("decompress", "--run", "{C}/E",
                                                                                "{M}", "{C}/out.txt"),
              names="{C}/E/model.pt", setup=files({"E": None})),
-        Case("mdz", "corrupt .mdz onto an existing output file", DEC, names=MDZ, corrupt=True,
+        # --overwrite: the output may be replaced, but only by a faithful decoding; a refusal keeps it
+        Case("mdz", "corrupt .mdz onto an existing output file", (*DEC, "--overwrite"), names=MDZ, corrupt=True,
              setup=chain(copy("text.mdz", "x.mdz"), flip_past_header(3, 2),
                          files({"out.txt": b"my precious file\n"}))),
         Case("mdz", "compressed with one run, decoded by another, onto an existing file",
-             ("decompress", "--run", "{R2}", "{M}", "{C}/out.txt"), names="{M}", corrupt=True,
+             ("decompress", "--run", "{R2}", "{M}", "{C}/out.txt", "--overwrite"), names="{M}", corrupt=True,
              setup=files({"out.txt": b"my precious file\n"})),
     ]
 

@@ -6,12 +6,14 @@ from collections.abc import Callable
 
 import pytest
 
-from .mutators import chain, config_json, copy, edit, files, header_word, model_at, shards
+from .mutators import (chain, checks, config_json, copy, edit, exists, files, header_word, model_at, no_temp_anywhere,
+                       same_as, shards)
 from .runner import OK, TINY, Case, Slot, fixed, slot_id
 
 
 def overwrite_cases() -> list[Slot]:
-    """Nothing lost: a run folder, a data folder, a resumed run's config are refused unless asked for."""
+    """Nothing lost: a run folder, a data folder, a resumed run's config, an output file or record folder
+    are refused unless asked for."""
     new_run = ("train", "--data", "{D}", "--out", "{C}/R", *TINY, "--steps", "2", "--no-eval")
     resume = ("train", "--resume", "{C}/R", "--data", "{D}", "--no-eval")
     return fixed([
@@ -64,7 +66,45 @@ def overwrite_cases() -> list[Slot]:
              setup=copy("R"), mutable=("R/",), check=model_at("R/model.pt", 6)),
         Case("overwrite", "--resume and --overwrite together", (*resume, "--overwrite"), names="--resume {C}/R",
              setup=copy("R")),
+        *output_cases(),
     ])
+
+
+MINE = b"my precious file\n"
+
+
+def output_cases() -> list[Case]:
+    """A file or record folder already at an output path: refused before any work, naming it and
+    --overwrite, with nothing written; with --overwrite it is replaced whole (no temporary left)."""
+    export = ("export", "--run", "{R}", "--out", "{C}/A.bin")
+    evals = ("eval", "--run", "{R}", "--data", "{D}", "--num-seqs", "2", "--elbo-steps", "2", "--json", "{C}/e.json")
+    compress = ("compress", "--run", "{R}", "{TXT}", "{C}/x.mdz")
+    decompress = ("decompress", "--run", "{R}", "{M}", "{C}/out.txt")
+    submission = ("submission", "--run", "{R}", "--artifact", "{A}", "--data", "{D}", "--out", "{C}/S", "--name",
+                  "x", "--github-id", "y", "--num-seqs", "2", "--elbo-steps", "2")
+    refused = [("export --out", export, "A.bin"), ("export --json", (*export, "--json", "{C}/r.json"), "r.json"),
+               ("eval --json", evals, "e.json"), ("compress", compress, "x.mdz"),
+               ("decompress", decompress, "out.txt")]
+    cases = [Case("overwrite", f"{what} onto an existing file", argv, names=(f"{{C}}/{rel}", "--overwrite"),
+                  setup=files({rel: MINE}), pristine=True) for what, argv, rel in refused]
+    return cases + [
+        Case("overwrite", "submission --out a folder holding files", submission, names=("{C}/S", "--overwrite"),
+             setup=files({"S/notes.txt": MINE}), pristine=True),
+        Case("overwrite", "submission --out an empty folder", submission, expect=OK, setup=files({"S": None}),
+             check=checks(exists("S/submission.json"), no_temp_anywhere)),
+        Case("overwrite", "submission --overwrite replaces a record folder", (*submission, "--overwrite"),
+             expect=OK, setup=files({"S/old.txt": MINE}), mutable=("S/",),
+             check=checks(exists("S/submission.json"), no_temp_anywhere)),
+        Case("overwrite", "compress --overwrite onto an existing file", (*compress, "--overwrite"), expect=OK,
+             setup=files({"x.mdz": MINE}), mutable=("x.mdz",), check=checks(exists("x.mdz"), no_temp_anywhere)),
+        Case("overwrite", "decompress --overwrite onto an existing file", (*decompress, "--overwrite"), expect=OK,
+             setup=files({"out.txt": MINE}), mutable=("out.txt",), check=checks(same_as("out.txt", "text.txt"),
+                                                                                 no_temp_anywhere)),
+        Case("overwrite", "eval --json --overwrite onto an existing file", (*evals, "--overwrite"), expect=OK,
+             setup=files({"e.json": MINE}), mutable=("e.json",), check=no_temp_anywhere),
+        Case("overwrite", "compress --overwrite onto a folder", (*compress[:-1], "{C}/F", "--overwrite"),
+             names="{C}/F", setup=files({"F/keep.txt": MINE}), pristine=True),
+    ]
 
 
 @pytest.mark.parametrize("slot", overwrite_cases(), ids=slot_id)
