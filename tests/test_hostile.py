@@ -57,12 +57,14 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------- a full disk
 
-@pytest.fixture
-def small_disk(tmp_path) -> Path:
-    """A 1 MiB tmpfs, where this machine lets the test mount one (root on Linux), else skip."""
+@pytest.fixture(params=["1m"])
+def small_disk(tmp_path, request) -> Path:
+    """A small tmpfs (1 MiB unless the test's parameter says), where this machine lets the test mount one
+    (root on Linux), else skip."""
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(mount)],
+                          capture_output=True)
     if done.returncode != 0:
         pytest.skip("cannot mount a small filesystem here (the ENOSPC injection tests still run)")
     yield mount
@@ -79,6 +81,33 @@ def test_a_full_disk_is_one_line_keeps_the_previous_checkpoint_and_no_temporary(
     assert not [p for p in out.iterdir() if ".tmp" in p.name]  # no temporary left behind
     if (out / "checkpoint.pt").exists():  # the previous version, whole
         assert read_checkpoint(out / "checkpoint.pt")["step"] >= 1
+
+
+@pytest.mark.parametrize("small_disk", ["256k"], indirect=True)
+def test_prepare_overwrite_on_a_full_disk_keeps_the_old_data_folder(small_disk, shared_docs_path,
+                                                                    shared_tokenizer_path, tmp_path, capsys):
+    """The new shards are written beside the old ones and replace them only once whole."""
+    folder = small_data(small_disk, shared_docs_path, shared_tokenizer_path, 30, val_docs=5, shard_tokens=4000)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    capsys.readouterr()
+    assert main(["prepare", "--docs", str(shared_docs_path), "--tokenizer", str(shared_tokenizer_path),
+                 "--out", str(folder), "--val-docs", "5", "--shard-tokens", "4000", "--overwrite"]) == 2
+    line = one_line(capsys)
+    assert "No space left on device" in line and str(folder) in line
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing lost, no temporary left
+
+
+@pytest.mark.parametrize("small_disk", ["3m"], indirect=True)
+def test_train_overwrite_on_a_full_disk_gives_the_old_run_back(data_dir, small_disk, capsys):
+    """The old run is set aside (renames) and deleted only once the new one has its model."""
+    out = small_disk / "R"
+    args = ["train", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--steps", "2", "--no-eval"]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*args, "--model-dim", "256", "--overwrite"]) == 2  # its weights do not fit
+    assert "No space left on device" in one_line(capsys)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost, no temporary left
 
 
 @pytest.mark.parametrize("command", ["export", "compress", "checkpoint"])
@@ -111,18 +140,20 @@ def test_injected_enospc_names_the_file_and_leaves_no_temporary(run, tmp_path, m
 
 # ---------------------------------------------------------------- sizes read from files
 
-def test_an_mdz_header_claiming_more_tokens_than_its_code_can_hold(run, tmp_path, capsys):
+@pytest.mark.parametrize("change, said", [(dict(num_tokens=2**44), "claims 17,592,186,044,416 tokens"),
+                                          (dict(seq_len=2**40), "slices of 1,099,511,627,776 tokens")])
+def test_an_mdz_header_claiming_a_size_its_code_or_model_cannot_have(run, tmp_path, capsys, change, said):
     text, packed = tmp_path / "t.txt", tmp_path / "t.mdz"
     text.write_text("tokens, counted honestly")
     assert main(["compress", "--run", str(run), str(text), str(packed)]) == 0
     data = packed.read_bytes()
     header, rest = Header.decode(data)
-    crafted = dataclasses.replace(header, num_tokens=2**44).encode() + rest  # its CRC recomputed
+    crafted = dataclasses.replace(header, **change).encode() + rest  # its CRC recomputed
     packed.write_bytes(crafted)
     capsys.readouterr()
     assert main(["decompress", "--run", str(run), str(packed), str(tmp_path / "back.txt")]) == 2
     line = one_line(capsys)
-    assert "claims 17,592,186,044,416 tokens" in line and str(packed) in line
+    assert said in line and str(packed) in line
 
 
 @pytest.mark.parametrize("change, named", [(dict(seq_len=10**12), "seq_len"), (dict(num_layers=1000), "weights"),

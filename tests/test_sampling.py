@@ -241,6 +241,7 @@ def test_temperature_and_top_p_shape_the_distribution(temperature, top_p, p10):
     (dict(sampler="beam"), "sampler must be one of ancestral, cached, confidence"),
     (dict(steps=0), "steps must be >= 1"),
     (dict(num=0), "num must be >= 1"),
+    (dict(num=10**9), "num must be <= 1024 (one batch), got 1000000000"),
     (dict(length=CFG.seq_len + 1), "exceeds the model's training length"),
     (dict(length=5, prompt_ids=[5, 6, 7, 8]), "leaves nothing to generate"),
     (dict(prompt_ids=[5, BOS_ID]), "prompt ids must be real tokens"),

@@ -8,12 +8,13 @@ import argparse
 import math
 from typing import Callable
 
-from .config import (MAX_SEED, MAX_VOCAB, PRESETS, check_field, describe_range, field_types, in_range,
-                     parse_value)
+from .config import (MAX_SEED, MAX_SEQ_LEN, MAX_VOCAB, PRESETS, check_field, describe_range, field_types,
+                     in_range, parse_value)
 from .data import MIN_VOCAB
 from .diffusion import GRIDS
 from .eval import ORDERS
 from .experiments import EQUALS, RECIPES, YARDSTICK
+from .sampling import MAX_SAMPLES
 
 DEFAULT_EVAL_PASSES = 128
 DEFAULT_CODER_PASSES = 64
@@ -321,7 +322,7 @@ def add_sample(sub: Subparsers) -> argparse.ArgumentParser:
     source.add_argument("--artifact", help="compressed artifact written by export")
     p.add_argument("--tokenizer", help="SentencePiece model (default: the one the model trained with)")
     p.add_argument("--prompt", default=None, type=text, help="text every sample continues (kept verbatim after BOS)")
-    p.add_argument("--length", type=ranged(int, 2), default=256,
+    p.add_argument("--length", type=ranged(int, 2, MAX_SEQ_LEN, high_in=True), default=256,
                    help="tokens per sample, BOS included (<= seq_len)")
     p.add_argument("--steps", type=POSITIVE, default=128, help="denoising steps T on the training schedule")
     p.add_argument("--sampler", choices=("ancestral", "cached", "confidence"), default="ancestral",
@@ -331,5 +332,6 @@ def add_sample(sub: Subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=ranged(float, 0, 1, low_in=False, high_in=True), default=1.0,
                    help="nucleus filtering; a tiny value is greedy")
     p.add_argument("--seed", type=SEED, default=0)
-    p.add_argument("--num", type=POSITIVE, default=1, help="samples, generated as one batch")
+    p.add_argument("--num", type=ranged(int, 1, MAX_SAMPLES, high_in=True), default=1,
+                   help="samples, generated as one batch")
     return p

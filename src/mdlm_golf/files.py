@@ -97,6 +97,28 @@ def atomic_folder(path: Path, replace: bool = False) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def staged_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty hidden temporary folder inside `folder` (one filesystem even where `folder` is a
+    mount point: moving out of it is a rename) in which to write a new version of some of `folder`'s
+    files; it is removed afterwards whatever happens. An error naming a file inside it names that file in
+    `folder` instead, where the user looks."""
+    folder = Path(folder)
+    remove_stale_temps(folder / "staged")
+    tmp = folder / f"{temp_prefix(folder / 'staged')}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except OSError as e:
+        named = Path(e.filename) if e.filename is not None else tmp
+        if named == tmp or tmp in named.parents:
+            raise OSError(e.errno, e.strerror, str(folder / named.relative_to(tmp))) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def check_output(path: Path, overwrite: bool, reads: list[Path] = ()) -> None:
     """Refuse to write `path` when it is a file this command reads (never, even with overwrite) or an
     existing file (unless overwrite): nothing already written is replaced without being asked."""

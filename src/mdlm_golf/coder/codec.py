@@ -202,6 +202,9 @@ def decode_stream(model, cfg: Config, data: bytes, sp=None) -> tuple[Header, np.
     if header.fingerprint != fingerprint:
         raise CoderError(f"made with a different model{' or tokenizer' if sp is not None else ''} "
                          f"(fingerprint {header.fingerprint.hex()}, this one {fingerprint.hex()})")
+    if header.seq_len != cfg.seq_len:  # the encoder slices by the model's own length; checked before any slicing
+        raise CoderError(f"corrupted header: slices of {header.seq_len:,} tokens, but this model codes slices "
+                         f"of {cfg.seq_len:,}")
     anchors = header.anchors
     if anchors and (anchors[-1] >= header.num_tokens or len(set(anchors)) < len(anchors)):
         raise CoderError("corrupted header (anchor positions)")

@@ -12,6 +12,7 @@ from typing import Iterator
 import numpy as np
 
 from ..config import BOS_ID, MAX_VOCAB
+from ..files import staged_folder
 from .shards import MANIFEST_NAME, DataError, write_manifest, write_shard
 from .tokenizer import load_tokenizer, train_tokenizer
 
@@ -129,8 +130,9 @@ def corpus_tokenizer(texts: list[str], docs_path: Path, out_dir: Path, tokenizer
 def prepare(docs_path: Path, out_dir: Path, tokenizer_path: Path | None = None,
             vocab_size: int = 1024, val_docs: int = 500, shard_tokens: int = 100_000_000,
             *, overwrite: bool = False) -> dict:
-    """Tokenize a docs JSONL into val/train shards plus manifest.json in an empty (or, with overwrite,
-    a cleared) folder; returns the manifest."""
+    """Tokenize a docs JSONL into val/train shards plus manifest.json in an empty folder (or, with
+    overwrite, one whose old shards and manifest are replaced once the new ones are whole); returns the
+    manifest."""
     check_prepare_args(docs_path, vocab_size, val_docs, shard_tokens)
     out_dir = Path(out_dir)
     check_data_dir(out_dir, overwrite)
@@ -138,16 +140,27 @@ def prepare(docs_path: Path, out_dir: Path, tokenizer_path: Path | None = None,
     if len(texts) <= val_docs:
         raise DataError(f"{docs_path}: {len(texts)} documents, need more than --val-docs {val_docs}")
     out_dir.mkdir(parents=True, exist_ok=True)  # a file in the way fails here, naming it
-    sp, tokenizer_path = corpus_tokenizer(texts, docs_path, out_dir, tokenizer_path, vocab_size)
-    clear_old_shards(out_dir)  # every input read: only now may the old shards go
+    with staged_folder(out_dir) as stage:  # a full disk mid-write costs nothing: the old shards stay
+        sp, trained_path = corpus_tokenizer(texts, docs_path, stage, tokenizer_path, vocab_size)
+        final_tokenizer = out_dir / trained_path.name if tokenizer_path is None else trained_path
+        manifest = write_splits(sp, texts, val_docs, stage, shard_tokens)
+        manifest = {"docs_source": str(docs_path), "tokenizer": str(final_tokenizer.resolve()), **manifest}
+        write_manifest(stage, manifest)
+        clear_old_shards(out_dir)  # the new version is whole: only now may the old one go
+        for path in sorted(stage.iterdir(), key=lambda p: p.name == MANIFEST_NAME):  # the manifest last
+            os.replace(path, out_dir / path.name)
+    return manifest
+
+
+def write_splits(sp, texts: list[str], val_docs: int, out_dir: Path, shard_tokens: int) -> dict:
+    """Write the val split (the first val_docs documents) and the train split as shards; their manifest
+    entries (no manifest written)."""
     writers = {"val": ShardWriter(out_dir, "val", shard_tokens),
                "train": ShardWriter(out_dir, "train", shard_tokens)}
     for i, doc in enumerate(tokenize_docs(sp, texts)):
         writers["val" if i < val_docs else "train"].add(doc)
-    manifest = {"docs_source": str(docs_path), "tokenizer": str(tokenizer_path.resolve()),
-                "vocab_size": int(sp.vocab_size()), "bos_id": BOS_ID, "shard_tokens": shard_tokens}
+    manifest = {"vocab_size": int(sp.vocab_size()), "bos_id": BOS_ID, "shard_tokens": shard_tokens}
     for split, writer in writers.items():
         writer.close()
         manifest[split] = writer.summary()
-    write_manifest(out_dir, manifest)
     return manifest

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import BOS_ID, EOS_ID, Config, Tokens
+from ..config import BOS_ID, EOS_ID, MAX_SEQ_LEN, Config, Tokens
 
 SAMPLERS = ("ancestral", "cached", "confidence")
+MAX_SAMPLES = 1024  # one batch: every row has its own generator and its own logits at every step
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class SampleOptions:
         for name in ("num", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num > MAX_SAMPLES:
+            raise ValueError(f"num must be <= {MAX_SAMPLES} (one batch), got {self.num}")
+        if self.length > MAX_SEQ_LEN:
+            raise ValueError(f"length must be <= {MAX_SEQ_LEN:,}, got {self.length:,}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a positive finite number, got {self.temperature} "
                              "(for greedy decoding use a tiny top_p)")

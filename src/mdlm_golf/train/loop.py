@@ -25,7 +25,8 @@ from ..model import Transformer
 from ..objective import LossModule, Prepare, objective_for
 from .control import Due, RunControl, Stop, StopSignal, TrainClock
 from .optim import Optimizers, WeightEMA, build_optimizer, lr_factor
-from .rundir import CHECKPOINT_NAME, clear_run_dir, restore_training_state, save_training_state
+from .rundir import (CHECKPOINT_NAME, drop_set_aside, restore_run, restore_training_state, save_training_state,
+                     set_aside_run)
 from .runlog import RunLog, StepMeter, describe_run
 
 
@@ -33,9 +34,10 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
           resume: bool = False, replace: bool = False, device: torch.device | None = None,
           echo: Callable[[str], None] = print) -> dict:
     """Train on DIR's train shards (one process or torchrun), save RUN/model.pt, evaluate.
-    replace: an old run in RUN is cleared, once the data, tokenizer and model are ready. Whatever
-    happens, the run's log and prefetch thread are released, and the torchrun process group too when
-    this call opened it (a caller that opened it keeps it, e.g. to evaluate after)."""
+    replace: an old run in RUN is set aside once the data, tokenizer and model are ready, and deleted once
+    this run has its model or checkpoint (restored if it fails first). Whatever happens, the run's log and
+    prefetch thread are released, and the torchrun process group too when this call opened it (a caller
+    that opened it keeps it, e.g. to evaluate after)."""
     owns_group = not process_group_active()
     env = init_distributed(device)
     finished = False
@@ -46,11 +48,23 @@ def train(cfg: Config, data_dir: Path, out_dir: Path, tokenizer_path: Path, *, r
             summary = run_steps(run, data_dir, run_eval)
         finally:
             run.close()
+            settle_replaced_run(run)
         finished = True
         return summary
     finally:
         if owns_group:
             shutdown(clean=finished)
+
+
+def settle_replaced_run(run: "Run") -> None:
+    """--overwrite: the old run goes once the new one has saved its model (or its checkpoint, to resume,
+    on a signal); a new run that failed before that gives the old one back."""
+    if run.replaced is None:
+        return
+    if any((run.out_dir / name).exists() for name in ("model.pt", CHECKPOINT_NAME)):
+        drop_set_aside(run.replaced)
+    else:
+        restore_run(run.out_dir, run.replaced)
 
 
 def run_steps(run: "Run", data_dir: Path, run_eval: bool) -> dict:
@@ -190,6 +204,7 @@ class Run:
     log: RunLog
     step: int
     seconds: float
+    replaced: Path | None = None  # the old run's files, set aside until this one has finished (--overwrite)
 
     def tokenizer(self) -> str:
         """The tokenizer's absolute path, as every checkpoint records it."""
@@ -255,26 +270,30 @@ def open_run(cfg: Config, env: DistEnv, data_dir: Path, out_dir: Path, tokenizer
     model = Transformer(cfg).to(env.device)
     optimizer = build_optimizer(model, cfg, env.device)
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None
-    if replace and env.is_main:  # every input opened without error: only now may the old run go
-        clear_run_dir(out_dir)
-    log = RunLog(out_dir, cfg.steps, echo, enabled=env.is_main)
-    loader = ShardedLoader(train_shards, cfg.seq_len, cfg.layout, cfg.tokens.pad, cfg.vocab_size, cfg.seed,
-                           shards_per_group=cfg.shards_per_group, batches_per_group=cfg.batches_per_group or None,
-                           rank=env.rank, world_size=env.world_size, batch_rows=cfg.batch_rows,
-                           on_wait=log.data_wait)
+    # every input opened without error: only now may the old run be set aside (deleted once this one ends)
+    replaced = set_aside_run(out_dir) if replace and env.is_main else None
+    log = loader = None
     step, seconds = 0, 0.0
     try:
+        log = RunLog(out_dir, cfg.steps, echo, enabled=env.is_main)
+        loader = ShardedLoader(train_shards, cfg.seq_len, cfg.layout, cfg.tokens.pad, cfg.vocab_size, cfg.seed,
+                               shards_per_group=cfg.shards_per_group,
+                               batches_per_group=cfg.batches_per_group or None, rank=env.rank,
+                               world_size=env.world_size, batch_rows=cfg.batch_rows, on_wait=log.data_wait)
         if state is not None:
             step, seconds = restore_training_state(state, out_dir / CHECKPOINT_NAME, cfg, env.world_size, model,
                                                    optimizer, ema, loader)
         loss_module = build_loss_module(model, cfg, env)
         begin_log(log, cfg, env, model, loader, out_dir, resume, step)
     except BaseException:
-        log.close()
-        loader.close()
+        for part in (log, loader):
+            if part is not None:
+                part.close()
+        if replaced is not None:
+            restore_run(out_dir, replaced)
         raise
     return Run(cfg, env, out_dir, tokenizer_path, byte_table, val_tokens, loader, model, optimizer, ema,
-               objective_for(cfg), loss_module, log, step, seconds)
+               objective_for(cfg), loss_module, log, step, seconds, replaced)
 
 
 def begin_log(log: RunLog, cfg: Config, env: DistEnv, model: Transformer, loader: ShardedLoader, out_dir: Path,

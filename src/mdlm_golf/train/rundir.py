@@ -3,6 +3,9 @@ continues from (its config checked against RUN/config.json and the flags)."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -10,7 +13,7 @@ import torch
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from ..config import Config, config_from_dict, with_defaults
 from ..data import ShardedLoader
-from ..files import read_json_object
+from ..files import read_json_object, remove_stale_temps, temp_prefix
 from ..model import Transformer
 from .optim import Optimizers, WeightEMA
 
@@ -18,23 +21,48 @@ CHECKPOINT_NAME = "checkpoint.pt"  # training state for --resume; model.pt holds
 # fields a resumed run may change: how long and how it logs, not what it trains
 RESUMABLE_FIELDS = {"steps", "max_wallclock", "log_every", "checkpoint_every", "elbo_steps",
                     "eval_num_seqs", "eval_batch_rows"}
-# what a run folder holds: a new run refuses a folder with any of them (the CLI's --overwrite deletes them)
+# what a run folder holds: a new run refuses a folder with any of them (the CLI's --overwrite replaces them)
 RUN_FILES = ("model.pt", CHECKPOINT_NAME, "config.json", "metrics.jsonl", "train.log", "eval.json")
 
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
     """Refuse to start a new run in a folder that holds one, unless overwrite (train(replace=True) then
-    clears it, but only once the data and tokenizer have been opened, so bad input never costs the run)."""
+    sets it aside once the data and tokenizer have been opened, and deletes it only once the new run has
+    finished: neither bad input nor a full disk costs the old run)."""
     found = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
     if found and not overwrite:
         raise ValueError(f"{run_dir}: holds a run ({', '.join(found)}); continue it with --resume {run_dir}, "
                          f"train into a new --out, or pass --overwrite to replace it")
 
 
-def clear_run_dir(run_dir: Path) -> None:
-    """Remove an old run's files, so metrics.jsonl and train.log start empty rather than appended to."""
+def set_aside_run(run_dir: Path) -> Path:
+    """Move an old run's files into a hidden folder inside RUN (renames: no space needed), so the new
+    run's metrics.jsonl and train.log start empty; restore_run puts them back if the new run fails (a
+    full disk costs nothing), drop_set_aside deletes them once it has finished."""
+    run_dir = Path(run_dir)
+    remove_stale_temps(run_dir / "replaced")
+    aside = run_dir / f"{temp_prefix(run_dir / 'replaced')}{os.getpid()}"
+    aside.mkdir()
     for name in RUN_FILES:
-        (Path(run_dir) / name).unlink(missing_ok=True)
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, aside / name)
+    return aside
+
+
+def restore_run(run_dir: Path, aside: Path) -> None:
+    """Undo set_aside_run after the new run failed: its files go, the old run's come back. Best effort,
+    so that the error that ended the run is the one reported."""
+    with suppress(OSError):
+        for name in RUN_FILES:
+            (Path(run_dir) / name).unlink(missing_ok=True)
+        for path in aside.iterdir():
+            os.replace(path, Path(run_dir) / path.name)
+        aside.rmdir()
+
+
+def drop_set_aside(aside: Path) -> None:
+    """The new run finished (or checkpointed on a signal, to resume): the old run goes."""
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def resume_config(run_dir: Path, overrides: dict) -> Config:
