@@ -278,6 +278,9 @@ class Config:
 # What the race found to help at the demo shape (BENCHMARKS.md): Muon for the hidden matrices, and every
 # BOS maskable so strict evaluation's masked boundaries were seen in training.
 BEST_RECIPE: dict[str, Any] = dict(optimizer="muon", anchor_mask_prob=1.0)
+# what shortened the MDLM's early plateau (issue 22, BENCHMARKS.md: each lever raced at 300 and 600 steps,
+# chosen on tuning slices): the flat loss weight (every masked token weighs 1, not 1/t; eval is unchanged)
+EARLY_RECIPE: dict[str, Any] = dict(loss_weight="flat")
 # Presets only name the fields they change; everything else keeps the reference default.
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
@@ -287,12 +290,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # whole val split, at the ELBO steps whose projected time on 8 H100s fits the evaluation budget
     # (bench/eval_budget.py; the record script checks it with a timed probe and cuts the steps if not)
     "record": dict(max_wallclock=600.0, num_layers=9, time_cond=False, eval_num_seqs=0, elbo_steps=128,
-                   **BEST_RECIPE),
+                   **BEST_RECIPE, **EARLY_RECIPE),
     # a few CPU minutes whatever the machine: the wall-clock cap ends training if steps do not
     "demo": dict(num_layers=4, model_dim=128, num_heads=4, cond_dim=64, seq_len=256,
                  batch_rows=16, grad_accum=1, steps=300, lr=2e-3, warmup_steps=30,
                  warmdown_steps=100, max_wallclock=150.0, layout="packed", elbo_steps=32,
-                 eval_num_seqs=32, eval_batch_rows=64, log_every=20, **BEST_RECIPE),
+                 eval_num_seqs=32, eval_batch_rows=64, log_every=20, **BEST_RECIPE, **EARLY_RECIPE),
     "tiny": dict(num_layers=2, model_dim=64, num_heads=2, cond_dim=32, seq_len=64,
                  batch_rows=8, grad_accum=1, steps=20, lr=3e-3, warmup_steps=5,
                  warmdown_steps=5, elbo_steps=8, eval_num_seqs=4, eval_batch_rows=32,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .ablation import EVAL_SEED, Run, check_reusable, run_record, train_and_score
-from ..config import BEST_RECIPE, Config, field_types, parse_value
+from ..config import BEST_RECIPE, EARLY_RECIPE, Config, field_types, parse_value
 from ..data import ByteTable, load_split, load_tokenizer
 from ..files import write_png, write_text_atomic
 from ..model import Transformer
@@ -37,8 +37,10 @@ from ..model import Transformer
 # the levers that helped combined. Each names every recipe field, so presets that carry a recipe (demo,
 # record) change only the shape, never what "today" or a lever means.
 TODAY = {"objective": "mdlm", "optimizer": "adamw", "time_cond": "true", "ema": "0.0", "anchor_mask_prob": "0.0",
-         "block_size": "0", "time_sampling": "antithetic", "decoder_layers": "0", "decoder_tied": "false"}
+         "block_size": "0", "time_sampling": "antithetic", "decoder_layers": "0", "decoder_tied": "false",
+         "loss_weight": "elbo", "loss_warmup_steps": "0", "time_warmup_steps": "0", "subtokens": "1"}
 BEST = {k: str(v) for k, v in BEST_RECIPE.items()}
+EARLY = {k: str(v) for k, v in EARLY_RECIPE.items()}
 LEVERS: dict[str, dict[str, str]] = {
     "ar": {"objective": "ar"},
     # the strongest AR we train: every lever that helps AR (Muon; BENCHMARKS.md, the yardstick)
@@ -50,6 +52,8 @@ LEVERS: dict[str, dict[str, str]] = {
     "stratified": {"time_sampling": "stratified"},
     # the levers that helped alone on tuning slices (bench/race_tune.py; BENCHMARKS.md), combined
     "best": BEST,
+    # ... with the early-training lever that shortened the plateau (issue 22): what the demo preset trains
+    "best-flat": {**BEST, **EARLY},
     # block diffusion on top of the best recipe (issue 14): blocks of 2, 4, 16, 64 tokens
     **{f"block{b}": {**BEST, "block_size": str(b)} for b in (2, 4, 16, 64)},
     # ... as an encoder of the clean blocks and a K-layer decoder of the noisy ones (E2D2; issue 21)
