@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Device check on one CUDA card, under 10 minutes in all (GPU tests 90 s, speed 170 s, race 330 s):
 # bench/speed.py (issue 6) on the reference configuration, then the race (issue 11): the record
-# preset's MDLM recipe against AR at equal
-# wall-clock on the shared corpus, and the same recipe as block diffusion in blocks of 2 (issues 11, 14:
-# its FlexAttention block mask, compiled, on the card).
+# preset's MDLM recipe against AR at equal wall-clock on the shared corpus, and the same recipe as
+# encoder-decoder block diffusion in blocks of 2 (issues 14, 21: its FlexAttention block masks, compiled,
+# on the card).
 #
 #   bash bench/gpu_check.sh          # JSON and logs go to $OUT when set, else to a temporary folder
 #
@@ -106,17 +106,18 @@ for row in [cols, ["-" * w for w in widths], *rows]:
     print(" | ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths))))
 EOF
 
-# the race: best MDLM recipe (the record preset) vs AR vs blocks of 2 (the recipe that halved the gap at
-# equal tokens), equal wall-clock, on the shared corpus
+# the race: best MDLM recipe (the record preset) vs AR vs blocks of 2 as an encoder and a tied one-layer
+# decoder (issue 21: block diffusion's equal-token gain at 1.25x a plain step's FLOPs), equal wall-clock
 DOCS=${GPU_DATA:-.gpu_data}
 if [[ -f $DOCS/docs_selected.jsonl && -f $DOCS/fineweb_1024_bpe.model ]]; then
   RACE_SECONDS=${RACE_SECONDS:-50}
-  echo "== race: record preset vs AR vs blocks of 2, ${RACE_SECONDS}s of training each (compile and eval off the clock)"
+  echo "== race: record preset vs AR vs encoder-decoder blocks of 2, ${RACE_SECONDS}s of training each (compile and eval off the clock)"
   rc=0
   timeout -k 5 330 bash -c '
     "$0" -m mdlm_golf prepare --docs "$1/docs_selected.jsonl" --tokenizer "$1/fineweb_1024_bpe.model" \
       --val-docs 500 --out "$2/race_data" >/dev/null &&
-    "$0" -m mdlm_golf race --data "$2/race_data" --out "$2/race" --preset record --recipe record: --recipe ar:objective=ar --recipe block2:block_size=2 \
+    "$0" -m mdlm_golf race --data "$2/race_data" --out "$2/race" --preset record --recipe record: --recipe ar:objective=ar \
+      --recipe block2-dec1-tied:block_size=2,decoder_layers=1,decoder_tied=true \
       --seeds 1 --max-wallclock "$3" --val-every 250 --eval-num-seqs 64 --elbo-steps 64 \
       --compile true $4' "$PY" "$DOCS" "$RESULTS" "$RACE_SECONDS" "${RACE_ARGS:-}" \
     >"$RESULTS/race.log" 2>&1 || rc=$?

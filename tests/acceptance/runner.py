@@ -63,6 +63,7 @@ import re
 import resource
 import shutil
 import socket
+import signal
 import subprocess
 import sys
 import threading
@@ -256,6 +257,12 @@ def memory_limit(limit: int) -> Callable[[], None] | None:
     if not limit:
         return None
     return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def default_sigint() -> None:
+    """A preexec_fn giving the child Ctrl-C's default action: a battery started in the background (`... &`
+    from a script) ignores SIGINT, and a command that inherits SIG_IGN rightly keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(ctx: Ctx, argv: list[str], cwd: Path, env: dict[str, str] | None = None,
@@ -507,7 +514,8 @@ def run_signal(ctx: Ctx, case: Case, c: Path, argv: list[str], env: dict[str, st
     problems: list[str] = []
     out, err = open(c / "stdout.txt", "wb"), open(c / "stderr.txt", "wb")
     began = time.monotonic()
-    proc = subprocess.Popen(ctx.command + argv, cwd=c, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(ctx.command + argv, cwd=c, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                            preexec_fn=default_sigint)
     signalled = None
     try:
         if not wait_to_signal(proc, case, c / case.watch):
