@@ -9,7 +9,7 @@ import torch
 from mdlm_golf.config import BOS_ID, build_config
 from mdlm_golf.diffusion import draw_noise, elbo_weight
 from mdlm_golf.model import Transformer
-from mdlm_golf.objective import objective_for
+from mdlm_golf.objective import loss_name, objective_for
 from mdlm_golf.train.loop import step_noise, time_ceiling
 
 CPU = torch.device("cpu")
@@ -47,3 +47,12 @@ def test_init_std_scales_the_normal_init_and_keeps_the_zero_starts():
     assert ratio == pytest.approx(0.25, rel=0.05)
     assert small.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.005, rel=0.05)
     assert not small.head.weight.detach().any() and not small.blocks[0].adaln.weight.detach().any()
+
+
+def test_the_logged_loss_is_named_for_what_it_is():
+    """A flat weight makes the training loss no longer the ELBO: nothing may call it one."""
+    assert loss_name(build_config("tiny", environ={})) == "continuous-time ELBO"
+    assert "not a bound" in loss_name(build_config("tiny", environ={}, overrides=dict(loss_weight="flat")))
+    assert "first 200 steps" in loss_name(build_config("tiny", environ={},
+                                                       overrides=dict(loss_weight="flat", loss_warmup_steps=200)))
+    assert loss_name(build_config("tiny", environ={}, overrides=dict(objective="ar"))) == "next-token cross-entropy"

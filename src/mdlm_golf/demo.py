@@ -14,6 +14,7 @@ from .checkpoint import load_model, run_checkpoint
 from .config import build_config
 from .data import load_tokenizer, prepare, read_manifest
 from .files import write_png, write_text_atomic
+from .objective import loss_name
 from .sampling import decode_rows, generate
 from .train import train
 
@@ -117,7 +118,7 @@ def run_demo(out: Path, steps: int | None = None, **overrides) -> dict:
         f"({manifest['train']['docs']:,} / {manifest['val']['docs']:,} documents), SP-1024 trained here",
         f"model     {summary['num_params']:,} parameters, {summary['steps']} steps in "
         f"{summary['train_seconds']:.0f}s",
-        f"loss      {losses[0]:.3f} -> {losses[-1]:.3f} nats per scored token (continuous-time ELBO); "
+        f"loss      {losses[0]:.3f} -> {losses[-1]:.3f} nats per scored token ({loss_name(cfg)}); "
         f"curve {out / 'loss.png'}",
         f"strict    {strict['bpb']:.4f} bpb  ({strict['elbo_steps']}-step ELBO upper bound, "
         f"{strict['tokens']:,} tokens, {strict['bytes']:,} bytes, {strict['bytes_per_token']:.3f} bytes/token)",

@@ -63,6 +63,16 @@ def next_token_batch(x0: torch.Tensor, noise: Noise | None = None, step: int | N
     return LossBatch(inputs, None, None, targets, scored, torch.ones(x0.size(0), device=x0.device), scored.sum())
 
 
+def loss_name(cfg: Config) -> str:
+    """What the training loss a run logs is, in words (a flat weight makes it no longer the ELBO)."""
+    if cfg.autoregressive:
+        return "next-token cross-entropy"
+    if cfg.loss_weight == "elbo":
+        return "continuous-time ELBO"
+    until = f" for the first {cfg.loss_warmup_steps} steps, then the ELBO" if cfg.loss_warmup_steps else ""
+    return f"flat-weighted, every masked token weighs 1{until}; not a bound"
+
+
 def objective_for(cfg: Config) -> Prepare:
     """The config's training objective, chosen here once: a micro-batch and its noise -> LossBatch."""
     if cfg.autoregressive:
