@@ -20,6 +20,7 @@ def test_demo_end_to_end_and_reuses_its_data(tmp_path, capsys):
     assert out.count("\nsample ") == 2  # two seeded samples of the model it trained
     assert f"curve {tmp_path / 'loss.png'}" in out
     assert "(flat-weighted, every masked token weighs 1; not a bound)" in out  # the preset's loss, named
+    assert "loss: flat-weighted" in (tmp_path / "run" / "train.log").read_text()  # and the run log's
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
     run_demo(tmp_path, steps=2, elbo_steps=2, eval_num_seqs=2, log_every=1)

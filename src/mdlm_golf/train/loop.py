@@ -22,7 +22,7 @@ from ..dist import DistEnv, all_reduce_sum, autocast, barrier, init_distributed,
 from ..eval import HEADLINE_MODES, evaluate, format_headline, format_result, headline
 from ..files import write_text_atomic
 from ..model import Transformer
-from ..objective import LossModule, Prepare, objective_for
+from ..objective import LossModule, Prepare, loss_name, objective_for
 from .control import Due, RunControl, Stop, StopSignal, TrainClock
 from .optim import Optimizers, WeightEMA, build_optimizer, lr_factor
 from .rundir import (CHECKPOINT_NAME, drop_set_aside, restore_run, restore_training_state, save_training_state,
@@ -307,6 +307,7 @@ def begin_log(log: RunLog, cfg: Config, env: DistEnv, model: Transformer, loader
     for line in describe_run(cfg, model, env.device, loader.total_tokens, env.world_size):
         log.line(line)
     log.line("loader: " + loader.describe())
+    log.line(f"loss: {loss_name(cfg)}, nats per scored token")
 
 
 def finish(run: Run, stop: Stop, done: int, seconds: float, train_seconds: float, losses: list[float],
