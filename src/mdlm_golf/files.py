@@ -97,6 +97,16 @@ def atomic_folder(path: Path, replace: bool = False) -> Iterator[Path]:
         raise
 
 
+def hidden_temp_folder(folder: Path, name: str) -> Path:
+    """A new empty hidden folder inside `folder`, named for `name` and this process (as temporaries are),
+    after removing those of the same name whose writer was killed."""
+    remove_stale_temps(folder / name)
+    tmp = folder / f"{temp_prefix(folder / name)}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 @contextmanager
 def staged_folder(folder: Path) -> Iterator[Path]:
     """Yield an empty hidden temporary folder inside `folder` (one filesystem even where `folder` is a
@@ -104,10 +114,7 @@ def staged_folder(folder: Path) -> Iterator[Path]:
     files; it is removed afterwards whatever happens. An error naming a file inside it names that file in
     `folder` instead, where the user looks."""
     folder = Path(folder)
-    remove_stale_temps(folder / "staged")
-    tmp = folder / f"{temp_prefix(folder / 'staged')}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = hidden_temp_folder(folder, "staged")
     try:
         yield tmp
     except OSError as e:

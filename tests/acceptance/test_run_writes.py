@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from .mutators import chain, config_json, copy, files, symlink
+from .mutators import Setup, chain, config_json, copy, files, symlink
 from .runner import Case, Slot, fixed, slot_id
 
 READS = "is a file this command reads"
@@ -22,46 +22,43 @@ def submission(run: str, artifact: str, data: str, out: str) -> tuple[str, ...]:
             "--github-id", "y", "--num-seqs", "2", "--elbo-steps", "2", "--overwrite")
 
 
+def onto_a_read(name: str, argv: tuple[str, ...], target: str, setup: Setup = copy("R")) -> Case:
+    """`argv` aimed at `target`, a file the command reads: refused naming it, nothing changed."""
+    return Case("run-writes", name, argv, names=(target, READS), setup=setup, pristine=True)
+
+
 def file_cases() -> list[Case]:
     """export, eval, compress and decompress writing onto their own inputs: the run's files (export --out
     R/model.pt with or without --overwrite), the artifact, the input file (as itself, through a symlink,
     through '..')."""
-    cases = [Case("run-writes", "export --out RUN/model.pt", (*EXPORT, "--out", "{C}/R/model.pt"),
-                  names=("{C}/R/model.pt", READS), setup=copy("R"), pristine=True)]
-    cases += [Case("run-writes", f"export --out RUN/{name} --overwrite", (*EXPORT, "--out", f"{{C}}/R/{name}",
-                                                                         "--overwrite"),
-                   names=(f"{{C}}/R/{name}", READS), setup=copy("R"), pristine=True) for name in RUN_FILES]
+    cases = [onto_a_read("export --out RUN/model.pt", (*EXPORT, "--out", "{C}/R/model.pt"), "{C}/R/model.pt")]
+    cases += [onto_a_read(f"export --out RUN/{name} --overwrite", (*EXPORT, "--out", f"{{C}}/R/{name}", "--overwrite"),
+                          f"{{C}}/R/{name}") for name in RUN_FILES]
     return cases + [
-        Case("run-writes", "export --json RUN/config.json --overwrite",
-             (*EXPORT, "--out", "{C}/A.bin", "--json", "{C}/R/config.json", "--overwrite"),
-             names=("{C}/R/config.json", READS), setup=copy("R"), pristine=True),
-        Case("run-writes", "eval --json RUN/eval.json --overwrite",
-             (*EVAL, "--run", "{C}/R", "--json", "{C}/R/eval.json", "--overwrite"),
-             names=("{C}/R/eval.json", READS), setup=copy("R"), pristine=True),
-        Case("run-writes", "eval --json RUN/model.pt --overwrite",
-             (*EVAL, "--run", "{C}/R", "--json", "{C}/R/model.pt", "--overwrite"),
-             names=("{C}/R/model.pt", READS), setup=copy("R"), pristine=True),
-        Case("run-writes", "eval --json onto its --artifact --overwrite",
-             (*EVAL, "--artifact", "{C}/A.bin", "--json", "{C}/A.bin", "--overwrite"),
-             names=("{C}/A.bin", READS), setup=copy("A.bin"), pristine=True),
-        Case("run-writes", "compress onto its input --overwrite",
-             ("compress", "--run", "{R}", "{C}/in.txt", "{C}/in.txt", "--overwrite"),
-             names=("{C}/in.txt", READS), setup=TEXT, pristine=True),
-        Case("run-writes", "compress onto a symlink to its input --overwrite",
-             ("compress", "--run", "{R}", "{C}/in.txt", "{C}/link.txt", "--overwrite"),
-             names=("{C}/link.txt", READS), setup=chain(TEXT, symlink("link.txt", "in.txt")), pristine=True),
-        Case("run-writes", "compress onto its input through '..' --overwrite",
-             ("compress", "--run", "{R}", "{C}/in.txt", "{C}/sub/../in.txt", "--overwrite"),
-             names=("{C}/sub/../in.txt", READS), setup=chain(TEXT, files({"sub": None})), pristine=True),
-        Case("run-writes", "compress onto RUN/model.pt --overwrite",
-             ("compress", "--run", "{C}/R", "{TXT}", "{C}/R/model.pt", "--overwrite"),
-             names=("{C}/R/model.pt", READS), setup=copy("R"), pristine=True),
-        Case("run-writes", "decompress onto its input --overwrite",
-             ("decompress", "--run", "{R}", "{C}/x.mdz", "{C}/x.mdz", "--overwrite"),
-             names=("{C}/x.mdz", READS), setup=copy("text.mdz", "x.mdz"), pristine=True),
-        Case("run-writes", "decompress onto RUN/config.json --overwrite",
-             ("decompress", "--run", "{C}/R", "{M}", "{C}/R/config.json", "--overwrite"),
-             names=("{C}/R/config.json", READS), setup=copy("R"), pristine=True),
+        onto_a_read("export --json RUN/config.json --overwrite",
+                    (*EXPORT, "--out", "{C}/A.bin", "--json", "{C}/R/config.json", "--overwrite"), "{C}/R/config.json"),
+        onto_a_read("eval --json RUN/eval.json --overwrite",
+                    (*EVAL, "--run", "{C}/R", "--json", "{C}/R/eval.json", "--overwrite"), "{C}/R/eval.json"),
+        onto_a_read("eval --json RUN/model.pt --overwrite",
+                    (*EVAL, "--run", "{C}/R", "--json", "{C}/R/model.pt", "--overwrite"), "{C}/R/model.pt"),
+        onto_a_read("eval --json onto its --artifact --overwrite",
+                    (*EVAL, "--artifact", "{C}/A.bin", "--json", "{C}/A.bin", "--overwrite"), "{C}/A.bin",
+                    copy("A.bin")),
+        onto_a_read("compress onto its input --overwrite",
+                    ("compress", "--run", "{R}", "{C}/in.txt", "{C}/in.txt", "--overwrite"), "{C}/in.txt", TEXT),
+        onto_a_read("compress onto a symlink to its input --overwrite",
+                    ("compress", "--run", "{R}", "{C}/in.txt", "{C}/link.txt", "--overwrite"), "{C}/link.txt",
+                    chain(TEXT, symlink("link.txt", "in.txt"))),
+        onto_a_read("compress onto its input through '..' --overwrite",
+                    ("compress", "--run", "{R}", "{C}/in.txt", "{C}/sub/../in.txt", "--overwrite"),
+                    "{C}/sub/../in.txt", chain(TEXT, files({"sub": None}))),
+        onto_a_read("compress onto RUN/model.pt --overwrite",
+                    ("compress", "--run", "{C}/R", "{TXT}", "{C}/R/model.pt", "--overwrite"), "{C}/R/model.pt"),
+        onto_a_read("decompress onto its input --overwrite",
+                    ("decompress", "--run", "{R}", "{C}/x.mdz", "{C}/x.mdz", "--overwrite"), "{C}/x.mdz",
+                    copy("text.mdz", "x.mdz")),
+        onto_a_read("decompress onto RUN/config.json --overwrite",
+                    ("decompress", "--run", "{C}/R", "{M}", "{C}/R/config.json", "--overwrite"), "{C}/R/config.json"),
     ]
 
 

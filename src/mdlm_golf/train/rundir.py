@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from ..config import Config, config_from_dict, with_defaults
 from ..data import ShardedLoader
-from ..files import read_json_object, remove_stale_temps, temp_prefix
+from ..files import hidden_temp_folder, read_json_object
 from ..model import Transformer
 from .optim import Optimizers, WeightEMA
 
@@ -40,9 +40,7 @@ def set_aside_run(run_dir: Path) -> Path:
     run's metrics.jsonl and train.log start empty; restore_run puts them back if the new run fails (a
     full disk costs nothing), drop_set_aside deletes them once it has finished."""
     run_dir = Path(run_dir)
-    remove_stale_temps(run_dir / "replaced")
-    aside = run_dir / f"{temp_prefix(run_dir / 'replaced')}{os.getpid()}"
-    aside.mkdir()
+    aside = hidden_temp_folder(run_dir, "replaced")
     for name in RUN_FILES:
         if (run_dir / name).exists():
             os.replace(run_dir / name, aside / name)
