@@ -21,6 +21,8 @@ from mdlm_golf.config import BOS_ID, Tokens, build_config
 from mdlm_golf.diffusion import Noise
 from mdlm_golf.objective import diffusion_loss
 from mdlm_golf.eval import evaluate
+from mdlm_golf.experiments.race_recipes import recipe_configs
+from mdlm_golf.experiments import RECIPES
 from mdlm_golf.model import Transformer, document_ids, document_mask
 from mdlm_golf.train.optim import Muon, WeightEMA, lr_factor
 from mdlm_golf.sampling import generate
@@ -285,6 +287,22 @@ def test_race_trains_each_recipe_and_tables_the_gap_to_the_yardstick(data_dir, t
     assert rows["block2"]["steps"] == 3 and rows["today"]["steps"] == 6  # [x_t ; x_0] costs 2x per token
     assert rows["block2"]["flops"] == pytest.approx(rows["ar-best"]["flops"], rel=0.01)
     assert "today_seed=1" in {Path(r["run_dir"]).name for r in result["runs"]}
+
+
+@pytest.mark.parametrize("preset", ["demo", "record"])
+def test_named_recipes_mean_the_same_under_a_preset_that_carries_a_recipe(preset):
+    """'today' and 'best' are the same runs whatever recipe a preset carries; 'best-early' is what the
+    preset itself trains (so a race at the preset compares its training against the recipes before it)."""
+    base, carried = build_config("seed", environ={}), build_config(preset, environ={})
+    plain = dataclasses.replace(carried, **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+                                           if f.name in RECIPES["today"] or f.name == "loss_weight"})
+    for name in ("today", "best", "best-flat"):
+        recipe = {name: RECIPES[name]}
+        assert recipe_configs(carried, recipe)[name] == recipe_configs(plain, recipe)[name]
+    early = recipe_configs(carried, {"best-early": RECIPES["best-early"]})["best-early"]
+    # the record preset also drops time conditioning (its size), which every named recipe sets
+    assert early == (carried if preset == "demo" else dataclasses.replace(carried, time_cond=True))
+    assert carried.time_warmup_steps > 0 and carried.loss_weight == "flat"
 
 
 def test_equal_seconds_give_every_run_the_yardsticks_clock(data_dir, tmp_path):

@@ -280,7 +280,8 @@ class Config:
 BEST_RECIPE: dict[str, Any] = dict(optimizer="muon", anchor_mask_prob=1.0)
 # what shortened the MDLM's early plateau (issue 22, BENCHMARKS.md: each lever raced at 300 and 600 steps,
 # chosen on tuning slices): the flat loss weight (every masked token weighs 1, not 1/t; eval is unchanged)
-EARLY_RECIPE: dict[str, Any] = dict(loss_weight="flat")
+# and, for the first 150 steps, diffusion times scaled into [0, m], m rising from 0.3 to 1
+EARLY_RECIPE: dict[str, Any] = dict(loss_weight="flat", time_warmup_steps=150, time_warmup_start=0.3)
 # Presets only name the fields they change; everything else keeps the reference default.
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},

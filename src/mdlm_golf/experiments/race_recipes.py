@@ -38,7 +38,8 @@ from ..model import Transformer
 # record) change only the shape, never what "today" or a lever means.
 TODAY = {"objective": "mdlm", "optimizer": "adamw", "time_cond": "true", "ema": "0.0", "anchor_mask_prob": "0.0",
          "block_size": "0", "time_sampling": "antithetic", "decoder_layers": "0", "decoder_tied": "false",
-         "loss_weight": "elbo", "loss_warmup_steps": "0", "time_warmup_steps": "0", "subtokens": "1"}
+         "loss_weight": "elbo", "loss_warmup_steps": "0", "time_warmup_steps": "0",
+         "time_warmup_start": "1.0", "subtokens": "1"}
 BEST = {k: str(v) for k, v in BEST_RECIPE.items()}
 EARLY = {k: str(v) for k, v in EARLY_RECIPE.items()}
 LEVERS: dict[str, dict[str, str]] = {
@@ -52,8 +53,10 @@ LEVERS: dict[str, dict[str, str]] = {
     "stratified": {"time_sampling": "stratified"},
     # the levers that helped alone on tuning slices (bench/race_tune.py; BENCHMARKS.md), combined
     "best": BEST,
-    # ... with the early-training lever that shortened the plateau (issue 22): what the demo preset trains
-    "best-flat": {**BEST, **EARLY},
+    # ... with the early-training levers that shortened the plateau (issue 22): the flat loss weight alone,
+    # and with the time warmup (what the demo and record presets train)
+    "best-flat": {**BEST, "loss_weight": "flat"},
+    "best-early": {**BEST, **EARLY},
     # block diffusion on top of the best recipe (issue 14): blocks of 2, 4, 16, 64 tokens
     **{f"block{b}": {**BEST, "block_size": str(b)} for b in (2, 4, 16, 64)},
     # ... as an encoder of the clean blocks and a K-layer decoder of the noisy ones (E2D2; issue 21)
